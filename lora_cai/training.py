@@ -1,0 +1,201 @@
+"""LoRA SFT and DPO through TRL on a stacked policy: the new adapter trains, earlier ones stay frozen.
+
+DPO's reference is the round's starting policy (base + frozen earlier adapters, the new adapter off),
+computed once before training by TRL's own precompute pass with our adapter context, so it is exactly
+what the policy computes and needs no second model copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .models import TRAINABLE, active_adapters, set_active, starting_policy
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL 1.15 computes log-probs through a fused LM head whose kernel is Triton-only: it is None where
+# Triton is missing and fails without a GPU where Triton is installed. Unsloth's CPU path swaps in its
+# own twin; the transformers backend on CPU needs this one. Nothing in TRL/transformers offers a
+# non-Triton version, so it is written here (plain autograd, one row chunk of logits at a time).
+# --------------------------------------------------------------------------------------------------
+class _TorchChunkedLogProb:
+    """Pure-PyTorch stand-in for `trl.kernels.ChunkedLogProbFunction` (same inputs, same outputs)."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):
+        import torch
+
+        rows = max(1, (1 << 22) // max(1, weight.shape[0]))  # about 16 MB of fp32 logits per chunk
+        cols = {k: [] for k in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")}
+        for start in range(0, max(hidden.shape[0], 1), rows):
+            h = hidden[start:start + rows]
+            logits = torch.nn.functional.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+            logits = logits.float() * logit_scale
+            if final_logit_softcapping:
+                logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
+            logits = logits / temperature
+            log_z = torch.logsumexp(logits, dim=-1)
+            t = targets[start:start + rows]
+            target_logit = logits.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+            cols["log_probs"].append(target_logit - log_z)
+            if "entropy" in outputs:
+                cols["entropy"].append(log_z - (logits.softmax(-1) * logits).sum(-1))
+            with torch.no_grad():
+                if "log_sum_sq_probs" in outputs:
+                    cols["log_sum_sq_probs"].append(torch.logsumexp(2 * (logits - log_z.unsqueeze(-1)), dim=-1))
+                if "mean_logits" in outputs:
+                    cols["mean_logits"].append(logits.mean(-1))
+                if "is_top1" in outputs:
+                    cols["is_top1"].append(logits.argmax(-1) == t)
+        result = []
+        for name in cols:
+            if name == "log_probs" or name in outputs:
+                result.append(torch.cat(cols[name]) if cols[name] else hidden.new_zeros(0, dtype=torch.float32))
+            else:
+                result.append(None)
+        return tuple(result)
+
+
+def install_logprob_fallback() -> None:
+    """Route TRL's fused LM head to the PyTorch version wherever its Triton kernel cannot run."""
+    from trl.trainer import utils as trl_utils
+
+    kernel = getattr(trl_utils, "_ChunkedLogProbFunction", "absent")
+    if kernel == "absent" or getattr(kernel, "_unsloth_cpu_dispatch", False) or getattr(kernel, "_lora_cai", False):
+        return  # no fused head in this TRL, or Unsloth's CPU twin / ours already routes it
+
+    class _Dispatch:
+        _lora_cai = True
+
+        @staticmethod
+        def apply(hidden, *args, **kwargs):
+            if kernel is not None and hidden.device.type in ("cuda", "xpu"):
+                return kernel.apply(hidden, *args, **kwargs)
+            return _TorchChunkedLogProb.apply(hidden, *args, **kwargs)
+
+    trl_utils._ChunkedLogProbFunction = _Dispatch
+
+
+def _precision_args(model) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False, "use_cpu": True}
+    dtype = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
+    bf16 = torch.cuda.is_bf16_supported() and dtype != torch.float16
+    return {"bf16": bf16, "fp16": not bf16}
+
+
+def _common_args(settings, out_dir: Path, seed: int, model, report_to: str | list[str] = "none") -> dict:
+    import torch
+
+    return dict(
+        output_dir=str(out_dir), learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length, logging_steps=1, save_strategy="no", report_to=report_to, seed=seed,
+        data_seed=seed, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+        gradient_checkpointing=torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+        **_precision_args(model),
+    )
+
+
+def _check_stack(model, frozen: list[str], where: str) -> None:
+    want = frozen + [TRAINABLE]
+    if active_adapters(model) != want:
+        raise RuntimeError(f"{where}: active adapters {active_adapters(model)} != {want}")
+    for name, p in model.named_parameters():
+        if "lora_" in name and p.requires_grad != (f".{TRAINABLE}." in name):
+            raise RuntimeError(f"{where}: {name} requires_grad={p.requires_grad}")
+
+
+def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
+              report_to="none") -> list[dict]:
+    """SFT of the `default` adapter on (prompt, revision) records; loss on the completion only.
+
+    Returns TRL's log history (one dict per logged step).
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    install_logprob_fallback()
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                             "completion": [{"role": "assistant", "content": r["completion"]}]} for r in records])
+    args = SFTConfig(**_common_args(settings, out_dir, seed, model, report_to), completion_only_loss=True,
+                     dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    _check_stack(model, frozen, "SFT")
+    trainer.train()
+    _check_stack(model, frozen, "after SFT")
+    return [dict(h) for h in trainer.state.log_history]
+
+
+def _stack_dpo_trainer_class():
+    from trl import DPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+
+    class StackDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer, made correct for a stack of adapters.
+
+        Handed a PeftModel, TRL adds a `ref` copy of `default` and re-activates `default` alone (the
+        earlier rounds drop out of the forward pass). Here the reference is computed under the round's
+        starting policy instead, then the stack is restored and the unused copy removed.
+        """
+
+        def __init__(self, *args, frozen_adapters: list[str], **kwargs):
+            self._frozen = list(frozen_adapters)
+            super().__init__(*args, **kwargs)
+            peft_model = self.accelerator.unwrap_model(self.model)
+            if "ref" in peft_model.peft_config:
+                peft_model.delete_adapter("ref")
+            set_active(peft_model, self._frozen + [TRAINABLE], trainable=TRAINABLE)
+
+        def compute_ref_log_probs(self, model, inputs):
+            import torch
+
+            model_kwargs = {k: v for k, v in inputs.items()
+                            if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+            model_kwargs["use_cache"] = False
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            peft_model = self.accelerator.unwrap_model(self.model)
+            with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                  starting_policy(peft_model, self._frozen), self.accelerator.autocast()):
+                per_token = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
+            shift_mask = inputs["completion_mask"][..., 1:]
+            per_token = per_token[:, -shift_mask.size(1):]
+            return per_token.sum(dim=1).chunk(2, dim=0)
+
+    return StackDPOTrainer
+
+
+def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
+              report_to="none") -> tuple[list[dict], list[dict]]:
+    """DPO of the `default` adapter on (prompt, chosen, rejected) pairs against the round's starting policy.
+
+    Returns (TRL's log history, reference log-probs per pair `{id, chosen_logp, rejected_logp}`).
+    """
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    install_logprob_fallback()
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.beta,
+                     precompute_ref_log_probs=True, dataset_num_proc=None)
+    trainer = _stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                                         frozen_adapters=frozen)
+    _check_stack(model, frozen, "DPO")
+    ref = [{"id": p["id"], "chosen_logp": float(c), "rejected_logp": float(r)}
+           for p, c, r in zip(pairs, trainer.train_dataset["ref_chosen_logps"],
+                              trainer.train_dataset["ref_rejected_logps"])]
+    trainer.train()
+    _check_stack(model, frozen, "after DPO")
+    return [dict(h) for h in trainer.state.log_history], ref
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    from .store import write_jsonl_atomic
+
+    write_jsonl_atomic(path, [json.loads(json.dumps(h, default=float)) for h in history])
