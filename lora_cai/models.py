@@ -25,6 +25,7 @@ def stack_name(k: int) -> str:
 def resolve_backend(requested: str) -> str:
     """`unsloth`, `transformers`, or for `auto` whichever imports (Unsloth first); says what it picked."""
     if requested == "transformers":
+        print("backend: transformers (requested)", file=sys.stderr)
         return "transformers"
     try:
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -36,8 +37,7 @@ def resolve_backend(requested: str) -> str:
                             f"model.backend: transformers") from None
         print(f"backend: transformers (Unsloth unavailable: {type(e).__name__})", file=sys.stderr)
         return "transformers"
-    if requested == "auto":
-        print("backend: unsloth (auto)", file=sys.stderr)
+    print(f"backend: unsloth ({'auto: Unsloth imports' if requested == 'auto' else 'requested'})", file=sys.stderr)
     return "unsloth"
 
 

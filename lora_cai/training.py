@@ -101,6 +101,13 @@ def _common_args(settings, out_dir: Path, seed: int, model, report_to: str | lis
     )
 
 
+def _quiet(trainer) -> None:
+    """Our progress bar replaces the Trainer's log printer (it prints every step's dict to stdout)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
 def _check_stack(model, frozen: list[str], where: str) -> None:
     want = frozen + [TRAINABLE]
     if active_adapters(model) != want:
@@ -110,8 +117,49 @@ def _check_stack(model, frozen: list[str], where: str) -> None:
             raise RuntimeError(f"{where}: {name} requires_grad={p.requires_grad}")
 
 
+def _progress_callback(console, desc: str):
+    """A TrainerCallback drawing one rich progress bar (steps, loss, ETA) on the run's console."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    class _RichSteps(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), console=console, transient=False,
+                                     disable=console is None)
+            self.progress.start()
+            self.task = self.progress.add_task(desc, total=state.max_steps, loss="-")
+
+        def on_step_end(self, args, state, control, **kw):
+            self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.progress.update(self.task, loss=f"{float(logs['loss']):.4f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            self.progress.stop()
+
+    return _RichSteps()
+
+
+def summarize(history: list[dict]) -> dict:
+    """First and last value of each logged training metric, plus the step count."""
+    out: dict = {"steps": 0}
+    for h in history:
+        if "loss" not in h:
+            continue
+        out["steps"] = int(h.get("step", out["steps"] + 1))
+        for key in ("loss", "rewards/margins", "rewards/accuracies"):
+            if key in h:
+                out.setdefault(f"first_{key}", float(h[key]))
+                out[f"last_{key}"] = float(h[key])
+    return out
+
+
 def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
-              report_to="none") -> list[dict]:
+              report_to="none", console=None, desc: str = "SFT") -> list[dict]:
     """SFT of the `default` adapter on (prompt, revision) records; loss on the completion only.
 
     Returns TRL's log history (one dict per logged step).
@@ -124,7 +172,9 @@ def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *,
                              "completion": [{"role": "assistant", "content": r["completion"]}]} for r in records])
     args = SFTConfig(**_common_args(settings, out_dir, seed, model, report_to), completion_only_loss=True,
                      dataset_num_proc=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                         callbacks=[_progress_callback(console, desc)])
+    _quiet(trainer)
     _check_stack(model, frozen, "SFT")
     trainer.train()
     _check_stack(model, frozen, "after SFT")
@@ -170,7 +220,7 @@ def _stack_dpo_trainer_class():
 
 
 def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
-              report_to="none") -> tuple[list[dict], list[dict]]:
+              report_to="none", console=None, desc: str = "DPO") -> tuple[list[dict], list[dict]]:
     """DPO of the `default` adapter on (prompt, chosen, rejected) pairs against the round's starting policy.
 
     Returns (TRL's log history, reference log-probs per pair `{id, chosen_logp, rejected_logp}`).
@@ -185,7 +235,8 @@ def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
     args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.beta,
                      precompute_ref_log_probs=True, dataset_num_proc=None)
     trainer = _stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                                         frozen_adapters=frozen)
+                                         frozen_adapters=frozen, callbacks=[_progress_callback(console, desc)])
+    _quiet(trainer)
     _check_stack(model, frozen, "DPO")
     ref = [{"id": p["id"], "chosen_logp": float(c), "rejected_logp": float(r)}
            for p, c, r in zip(pairs, trainer.train_dataset["ref_chosen_logps"],

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random chat model built offline and loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from lora_cai.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python -m lora_cai.recipe ARGS` as a user would, capturing its output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120")
+    return subprocess.run([sys.executable, "-m", "lora_cai.recipe", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def write_recipe(path: Path, model: Path, out: Path, backend: str = "transformers", **extra: str) -> Path:
+    """A two-round recipe small enough for CPU tests."""
+    lines = [
+        "name: test",
+        "model:",
+        f"  name: {model}",
+        f"  backend: {backend}",
+        "constitution: default",
+        "data:",
+        "  prompts: builtin:smoke",
+        "  limit: 6",
+        "  eval_limit: 2",
+        "rounds: 2",
+        "seed: 3",
+        f"output_dir: {out}",
+        "generation: {max_new_tokens: 16, critique_max_new_tokens: 12}",
+        "critique: {steps: 2, demonstrations: 1}",
+        "lora: {r: 8, alpha: 16}",
+        "sft: {batch_size: 4, learning_rate: 0.005}",
+        "dpo: {batch_size: 4, learning_rate: 0.005}",
+    ]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
