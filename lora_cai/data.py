@@ -34,6 +34,12 @@ def builtin_sets() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
 
 
+# Sources ending like these are local files (read, or reported missing/unsupported right away), never Hub
+# dataset ids: a typo such as `prompts.txt` must not wait on the Hub (import `datasets`, retry the network).
+_FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".yaml", ".yml", ".xml", ".html", ".md",
+                  ".xlsx", ".xls", ".arrow", ".gz", ".bz2", ".xz", ".zip", ".tar"}
+
+
 def _read_rows(source: str, where: str, split: str) -> list[dict]:
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
@@ -42,7 +48,7 @@ def _read_rows(source: str, where: str, split: str) -> list[dict]:
             raise UserError(f"{where}: unknown built-in prompt set '{name}' (available: {', '.join(builtin_sets())})")
         return _read_file(path, where)
     path = Path(source).expanduser()
-    if path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"} or path.exists() or source.startswith((".", "/")):
+    if path.suffix.lower() in _FILE_SUFFIXES or path.exists() or source.startswith((".", "/", "~")):
         if not path.exists():
             raise UserError(f"{where}: prompt file '{source}' not found (give a .jsonl/.csv/.parquet path, "
                             f"a built-in set like builtin:smoke, or a Hub dataset id)")

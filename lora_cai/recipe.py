@@ -9,6 +9,7 @@ same command resumes an interrupted run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -52,14 +53,13 @@ class Run:
         from .store import RunStore, content_hash
 
         self.cfg, self.console = cfg, console
-        where_c = "constitution"
         name = cfg.constitution
         if name.endswith((".yaml", ".yml")) or os.sep in name:
             name = cfg.resolve(name)
         try:
             self.constitution = load_constitution(name)
         except UserError as e:
-            raise UserError(f"{cfg.source}: {where_c}: {e}") from None
+            raise UserError(f"{cfg.source}: {e}") from None
         d = cfg.data
         self.prompts = load_prompts(self._src(d.prompts), column=d.prompt_column, split=d.split, limit=d.limit)
         self.eval_sets = {}
@@ -78,13 +78,24 @@ class Run:
         return src if src.startswith("builtin:") or not Path(self.cfg.resolve(src)).exists() else self.cfg.resolve(src)
 
     def _check_run_dir(self) -> None:
-        m = self.store.read_manifest()
-        if m is None:
+        root, path = self.store.root, self.store.manifest_path
+        if root.exists() and not root.is_dir():
+            raise UserError(f"{root}: output_dir is a file, not a directory; use another --output-dir")
+        if not path.exists():
             return
-        if m.get("model", {}).get("name") != self.cfg.model.name:
-            raise UserError(f"{self.store.manifest_path}: this run directory was made with base model "
-                            f"'{m.get('model', {}).get('name')}', not '{self.cfg.model.name}'; use another "
-                            f"--output-dir")
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{path}: not a readable run manifest ({type(e).__name__}: {e}); this is not a "
+                            f"lora_cai run directory or the file is damaged; use another --output-dir") from None
+        if not isinstance(m, dict):
+            raise UserError(f"{path}: not a run manifest (a JSON object was expected, got {type(m).__name__}); "
+                            f"use another --output-dir")
+        model = m.get("model")
+        made_with = model.get("name") if isinstance(model, dict) else None
+        if made_with != self.cfg.model.name:
+            raise UserError(f"{path}: this run directory was made with base model "
+                            f"'{made_with}', not '{self.cfg.model.name}'; use another --output-dir")
 
     # ---------------------------------------------------------------- manifest
     def manifest(self) -> dict:
@@ -344,13 +355,22 @@ def _fmt_span(summary: dict, key: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+
+    def _one_line(message: str):  # argparse's own errors print usage + error (two lines); keep the one-line promise
+        raise UserError(f"{message} (see python -m lora_cai.recipe --help)")
+
+    parser.error = _one_line
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     if args.help_keys:
         _print_keys()
         return 0
     if not args.recipe:
-        build_parser().print_usage(sys.stderr)
-        print("error: give a recipe, e.g. python -m lora_cai.recipe recipes/smoke.yaml", file=sys.stderr)
+        print("error: give a recipe, e.g. python -m lora_cai.recipe recipes/smoke.yaml (see --help)", file=sys.stderr)
         return 2
     try:
         from rich.console import Console
