@@ -64,6 +64,23 @@ class GenerationConfig(Section):
     token_budget: int = Field(16384, gt=0, description="Tokens (prompt + new) per generation batch; batches are "
                                                        "sized from it and halved on out-of-memory.")
     max_batch_size: int = Field(64, gt=0, description="Upper bound on sequences per generation batch.")
+    base_url: str | None = Field(None, description="Send the data-generation steps (responses, critiques, "
+                                                   "revisions) to this OpenAI-compatible server instead of the "
+                                                   "local model, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang, TGI, "
+                                                   "llama.cpp, `python -m lora_cai.serve`). It must serve the "
+                                                   "round's starting policy; held-out eval stays local.")
+    model: str | None = Field(None, description="Model name on that server; `{round}` is replaced by the round "
+                                                "number (e.g. a vLLM LoRA module per round).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the server's API key "
+                                                      "(the key itself is never written anywhere).")
+    concurrency: int = Field(8, gt=0, description="Requests in flight at once to the server.")
+    timeout: float = Field(120.0, gt=0, description="Seconds before a request to the server is retried.")
+
+    @model_validator(mode="after")
+    def _server_needs_model(self):
+        if self.base_url and not self.model:
+            raise ValueError("generation.model is required with generation.base_url (the model name on the server)")
+        return self
 
 
 class CritiqueConfig(Section):

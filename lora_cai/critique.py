@@ -13,7 +13,7 @@ import hashlib
 import random
 
 from .constitution import Constitution, Demonstration, Principle
-from .generation import GenerationStats, clean_revision, copies_demonstration, iter_generate, render_chat
+from .generation import GenerationStats, clean_revision, copies_demonstration
 from .store import JsonlStage, content_hash
 
 
@@ -51,22 +51,23 @@ def revision_messages(constitution: Constitution, principle: Principle, prompt: 
         {"role": "assistant", "content": critique}, {"role": "user", "content": principle.revision}]
 
 
-def run_critique_step(model, tokenizer, constitution: Constitution, items: list[dict], step: int, stage: JsonlStage,
+def run_critique_step(generator, constitution: Constitution, items: list[dict], step: int, stage: JsonlStage,
                       *, cfg, seed: int, progress=None, stats: GenerationStats) -> None:
-    """One critique -> revision step over `items` ({id, prompt, response}), committed batch by batch to `stage`."""
+    """One critique -> revision step over `items` ({id, prompt, response}), committed batch by batch to `stage`.
+
+    `generator` is a `generators.LocalGenerator` or `APIGenerator`.
+    """
     gen, crit = cfg.generation, cfg.critique
     principles = [pick_principle(constitution, seed, it["id"], step) for it in items]
-    prompts = [render_chat(tokenizer, critique_messages(constitution, p, it["prompt"], it["response"],
-                                                        crit.demonstrations))
-               for it, p in zip(items, principles)]
+    conversations = [critique_messages(constitution, p, it["prompt"], it["response"], crit.demonstrations)
+                     for it, p in zip(items, principles)]
     demo_critiques = [d.critique for d in constitution.demonstrations] + [
         d.critique for p in constitution.principles for d in p.demonstrations]
     demo_revisions = [d.revision for d in constitution.demonstrations] + [
         d.revision for p in constitution.principles for d in p.demonstrations]
-    for batch, outputs in iter_generate(
-            model, tokenizer, prompts, max_new_tokens=gen.critique_max_new_tokens, temperature=crit.temperature,
-            top_p=gen.top_p, seed=seed * 1000 + step * 2, token_budget=gen.token_budget,
-            max_batch_size=gen.max_batch_size, skip_batches=stage.done_batches, stats=stats,
+    for batch, outputs in generator.iter(
+            conversations, max_new_tokens=gen.critique_max_new_tokens, temperature=crit.temperature,
+            top_p=gen.top_p, seed=seed * 1000 + step * 2, skip_batches=stage.done_batches, stats=stats,
             progress=progress, description=f"critique step {step}"):
         records, to_revise = [], []
         for i, critique in outputs:
@@ -88,11 +89,9 @@ def run_critique_step(model, tokenizer, constitution: Constitution, items: list[
                                                                    critique, crit.demonstrations)))
             records.append(rec)
         if to_revise:
-            rev_prompts = [render_chat(tokenizer, m) for _, m in to_revise]
-            for _, rev_out in iter_generate(
-                    model, tokenizer, rev_prompts, max_new_tokens=gen.max_new_tokens, temperature=crit.temperature,
-                    top_p=gen.top_p, seed=seed * 1000 + step * 2 + 1 + batch * 7919, token_budget=gen.token_budget,
-                    max_batch_size=gen.max_batch_size, stats=stats):
+            for _, rev_out in generator.iter(
+                    [m for _, m in to_revise], max_new_tokens=gen.max_new_tokens, temperature=crit.temperature,
+                    top_p=gen.top_p, seed=seed * 1000 + step * 2 + 1 + batch * 7919, stats=stats):
                 for j, text in rev_out:
                     rec = records[to_revise[j][0]]
                     revision = clean_revision(text) if text else ""

@@ -170,25 +170,41 @@ class Run:
         inputs = content_hash({"model": self.cfg.model.name, "sets": self.eval_sets, "stack": stack_hash})
         if not self.eval_sets or (path.exists() and read_json(path).get("inputs") == inputs):
             return
-        self.ensure_model(1, stack_paths)
-        result = self._evaluate("base model")
+        result = self._evaluate(self.generator(1, stack_paths, local=True))
         atomic_write_json(path, {"inputs": inputs, **result})
 
-    def _evaluate(self, label: str) -> dict:
+    def generator(self, k: int, stack_paths: list[Path], local: bool = False):
+        """The round's policy behind one generation interface: the local model, or the configured server.
+
+        Evaluation always runs locally (`local=True`): the policy just trained is the one in memory.
+        """
+        g = self.cfg.generation
+        if g.base_url and not local:
+            from .api import ChatClient
+            from .generators import APIGenerator
+
+            client = ChatClient(g.base_url, g.model.replace("{round}", str(k)), api_key_env=g.api_key_env,
+                                concurrency=g.concurrency, timeout=g.timeout,
+                                cache_dir=self.store.root / "cache" / "api")
+            return APIGenerator(client, batch_size=max(g.concurrency * 4, 1))
         from . import models
+        from .generators import LocalGenerator
+
+        self.ensure_model(k, stack_paths)
+        models.for_inference(self.model, self.backend)
+        return LocalGenerator(self.model, self.tokenizer, token_budget=g.token_budget, max_batch_size=g.max_batch_size)
+
+    def _evaluate(self, generator) -> dict:
         from .evaluation import evaluate
         from .generation import make_progress
 
-        models.for_inference(self.model, self.backend)
-        g = self.cfg.generation
         with make_progress(console=self.console, transient=True) as progress:
-            return evaluate(self.model, self.tokenizer, self.eval_sets.get("harmful", []),
-                            self.eval_sets.get("benign", []), max_new_tokens=min(96, g.max_new_tokens),
-                            token_budget=g.token_budget, max_batch_size=g.max_batch_size, progress=progress)
+            return evaluate(generator, self.eval_sets.get("harmful", []), self.eval_sets.get("benign", []),
+                            max_new_tokens=min(96, self.cfg.generation.max_new_tokens), progress=progress)
 
     def run_round(self, k: int, stack_paths: list[Path], stack_hash: list[str]) -> dict:
         from . import critique, models, training
-        from .generation import GenerationStats, make_progress, render_chat
+        from .generation import GenerationStats, make_progress
         from .store import JsonlStage, atomic_write_json, content_hash, file_hash, read_json, write_jsonl_atomic
 
         cfg, rd = self.cfg, self.store.round_dir(k)
@@ -202,18 +218,12 @@ class Run:
         stage = JsonlStage(rd / "responses.jsonl", resp_inputs)
         gstats = GenerationStats()
         if not stage.complete:
-            from .generation import iter_generate
-
-            self.ensure_model(k, stack_paths)
-            models.for_inference(self.model, self.backend)
             recs = self.prompts.records
-            rendered = [render_chat(self.tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in recs]
             g = cfg.generation
             with make_progress(console=self.console) as progress:
-                for batch, outs in iter_generate(
-                        self.model, self.tokenizer, rendered, max_new_tokens=g.max_new_tokens,
+                for batch, outs in self.generator(k, stack_paths).iter(
+                        [[{"role": "user", "content": r["prompt"]}] for r in recs], max_new_tokens=g.max_new_tokens,
                         temperature=g.temperature, top_p=g.top_p, seed=cfg.seed + 7919 * k,
-                        token_budget=g.token_budget, max_batch_size=g.max_batch_size,
                         skip_batches=stage.done_batches, stats=gstats, progress=progress,
                         description=f"round {k} responses"):
                     stage.commit([{"id": recs[i]["id"], "prompt": recs[i]["prompt"], "response": text,
@@ -232,11 +242,9 @@ class Run:
             items = [{"id": i, "prompt": r["prompt"], "response": r["response"]} for i, r in current.items()]
             st = JsonlStage(rd / f"critique-{s}.jsonl", critique.step_inputs_hash(cfg, self.constitution, upstream, s))
             if not st.complete and items:
-                self.ensure_model(k, stack_paths)
-                models.for_inference(self.model, self.backend)
                 with make_progress(console=self.console) as progress:
-                    critique.run_critique_step(self.model, self.tokenizer, self.constitution, items, s, st, cfg=cfg,
-                                               seed=cfg.seed + k, progress=progress, stats=lstats)
+                    critique.run_critique_step(self.generator(k, stack_paths), self.constitution, items, s, st,
+                                               cfg=cfg, seed=cfg.seed + k, progress=progress, stats=lstats)
             if not st.complete:
                 st.finish(generation=lstats.as_dict())
             recs = st.records()
@@ -299,7 +307,7 @@ class Run:
                 self.ensure_model(k, stack_paths)
                 self.model.load_adapter(str(adapter), adapter_name="trained", is_trainable=False)
                 models.set_active(self.model, self.frozen + ["trained"])
-            result = self._evaluate(f"round {k}")
+            result = self._evaluate(self.generator(k, stack_paths, local=True))
             atomic_write_json(ev_path, {"inputs": ev_inputs, **result})
         if ev_path.exists():
             ev = read_json(ev_path)

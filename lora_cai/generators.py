@@ -1,0 +1,85 @@
+"""Where generation runs: the local batched engine or an OpenAI-compatible server, behind one iterator.
+
+Both yield `(batch_index, [(conversation_index, text or None), ...])` over a deterministic batch plan and
+skip the batches a resumed stage already committed, so the stages do not care which one they drive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+from .generation import GenerationStats, iter_generate, render_chat
+
+
+class LocalGenerator:
+    """The batched engine on the in-process model (the policy being trained)."""
+
+    def __init__(self, model, tokenizer, *, token_budget: int, max_batch_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.token_budget, self.max_batch_size = token_budget, max_batch_size
+
+    def iter(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, skip_batches=frozenset(), stats: GenerationStats | None = None,
+             progress=None, description: str = "generating") -> Iterator[tuple[int, list[tuple[int, str | None]]]]:
+        prompts = [render_chat(self.tokenizer, c) for c in conversations]
+        yield from iter_generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, seed=seed, token_budget=self.token_budget,
+                                 max_batch_size=self.max_batch_size, skip_batches=skip_batches, stats=stats,
+                                 progress=progress, description=description)
+
+    def generate(self, conversations: list[list[dict]], **kw) -> list[str | None]:
+        out: list[str | None] = [None] * len(conversations)
+        for _, items in self.iter(conversations, **kw):
+            for i, text in items:
+                out[i] = text
+        return out
+
+
+class APIGenerator:
+    """An OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `python -m lora_cai.serve`).
+
+    Batches are consecutive slices of `batch_size` requests, sent with the client's concurrency limit;
+    each request carries its own seed derived from (seed, index), so sampled answers do not depend on
+    batching, and the client's disk cache makes a rerun pay nothing twice.
+    """
+
+    def __init__(self, client, *, batch_size: int = 32):
+        self.client, self.batch_size = client, batch_size
+
+    def iter(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, skip_batches=frozenset(), stats: GenerationStats | None = None,
+             progress=None, description: str = "generating") -> Iterator[tuple[int, list[tuple[int, str | None]]]]:
+        import time
+
+        task = None
+        if progress is not None:
+            task = progress.add_task(description, total=len(conversations), tokens_per_s=0.0)
+        for b, start in enumerate(range(0, len(conversations), self.batch_size)):
+            idx = list(range(start, min(start + self.batch_size, len(conversations))))
+            if b in skip_batches:
+                if task is not None:
+                    progress.advance(task, len(idx))
+                continue
+            t = time.perf_counter()
+            answers = self.client.chat_many([
+                {"messages": conversations[i], "max_tokens": max_new_tokens, "temperature": temperature,
+                 "top_p": top_p, "seed": _request_seed(seed, i)} for i in idx])
+            if stats is not None:
+                stats.requested += len(idx)
+                stats.generated += sum(a.get("text") is not None for a in answers)
+                stats.seconds += time.perf_counter() - t
+            if task is not None:
+                progress.advance(task, len(idx))
+            yield b, [(i, a.get("text")) for i, a in zip(idx, answers)]
+
+    def generate(self, conversations: list[list[dict]], **kw) -> list[str | None]:
+        out: list[str | None] = [None] * len(conversations)
+        for _, items in self.iter(conversations, **kw):
+            for i, text in items:
+                out[i] = text
+        return out
+
+
+def _request_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "little")
