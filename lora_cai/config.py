@@ -106,6 +106,7 @@ class SFTSettings(Section):
     batch_size: int = Field(4, gt=0, description="Sequences per device step.")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     max_length: int = Field(1024, gt=0, description="Truncate SFT sequences to this many tokens.")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every this many steps; a killed run resumes there.")
 
 
 class DPOSettings(Section):
@@ -115,6 +116,7 @@ class DPOSettings(Section):
     batch_size: int = Field(2, gt=0, description="Pairs per device step.")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     max_length: int = Field(1024, gt=0, description="Truncate prompt + completion to this many tokens.")
+    save_steps: int = Field(50, gt=0, description="Checkpoint every this many steps; a killed run resumes there.")
 
 
 class RecipeConfig(Section):

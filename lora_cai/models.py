@@ -187,6 +187,15 @@ def save_adapter(model, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def load_trainable_weights(model, path: Path, frozen: list[str]) -> None:
+    """Put a saved adapter's weights into the trainable `default` adapter (resuming after its SFT finished)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")), adapter_name=TRAINABLE)
+    set_active(model, frozen + [TRAINABLE], trainable=TRAINABLE)
+
+
 def for_inference(model, backend: str):
     if backend == "unsloth":
         from unsloth import FastLanguageModel

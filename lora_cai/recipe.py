@@ -205,7 +205,10 @@ class Run:
     def run_round(self, k: int, stack_paths: list[Path], stack_hash: list[str]) -> dict:
         from . import critique, models, training
         from .generation import GenerationStats, make_progress
-        from .store import JsonlStage, atomic_write_json, content_hash, file_hash, read_json, write_jsonl_atomic
+        import shutil
+
+        from .store import (JsonlStage, atomic_write_json, content_hash, file_hash, read_json, read_jsonl,
+                            write_jsonl_atomic)
 
         cfg, rd = self.cfg, self.store.round_dir(k)
         summary: dict = {"prompts": len(self.prompts.records), "dropped_empty_prompts": self.prompts.dropped_empty,
@@ -276,26 +279,35 @@ class Run:
         done = rd / "train.json"
         if not (done.exists() and read_json(done).get("inputs") == train_inputs
                 and (adapter / "adapter_model.safetensors").exists()):
+            ckpt = rd / "checkpoints"
+            if (ckpt / "inputs.json").exists() and read_json(ckpt / "inputs.json").get("inputs") != train_inputs:
+                shutil.rmtree(ckpt)  # checkpoints of other inputs: stale
+            atomic_write_json(ckpt / "inputs.json", {"inputs": train_inputs})
             self.ensure_model(k, stack_paths)
             models.for_training(self.model, self.backend)
-            sft_log = training.train_sft(self.model, self.tokenizer, sft, cfg.sft, rd / "checkpoints" / "sft",
-                                         seed=cfg.seed + k, frozen=self.frozen, console=self.console,
-                                         desc=f"round {k} SFT")
+            sft_done = ckpt / "sft-adapter"
+            if (sft_done / "adapter_model.safetensors").exists():  # SFT finished before a crash: keep it
+                models.load_trainable_weights(self.model, sft_done, self.frozen)
+                sft_log = read_jsonl(ckpt / "sft_log.jsonl")
+            else:
+                sft_log = training.train_sft(self.model, self.tokenizer, sft, cfg.sft, ckpt / "sft",
+                                             seed=cfg.seed + k, frozen=self.frozen, console=self.console,
+                                             desc=f"round {k} SFT")
+                training.write_log(ckpt / "sft_log.jsonl", sft_log)
+                models.save_adapter(self.model, sft_done)
             dpo_log, ref = [], []
             if pairs:
                 dpo_log, ref = training.train_dpo(self.model, self.tokenizer, pairs, cfg.dpo,
-                                                  rd / "checkpoints" / "dpo", seed=cfg.seed + k, frozen=self.frozen,
+                                                  ckpt / "dpo", seed=cfg.seed + k, frozen=self.frozen,
                                                   console=self.console, desc=f"round {k} DPO")
             write_jsonl_atomic(rd / "ref_logps.jsonl", ref)
             training.write_log(rd / "sft_log.jsonl", sft_log)
             training.write_log(rd / "dpo_log.jsonl", dpo_log)
             models.save_adapter(self.model, adapter)
-            import shutil
-
-            shutil.rmtree(rd / "checkpoints", ignore_errors=True)
             atomic_write_json(done, {"inputs": train_inputs,
                                      "sft": training.summarize(sft_log), "dpo": training.summarize(dpo_log)})
         tr = read_json(done)
+        shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # the adapter and train.json are committed
         summary["sft"], summary["dpo"] = tr["sft"], tr["dpo"]
 
         # 4. evaluate the round's policy (base + adapters 1..k)

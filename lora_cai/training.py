@@ -94,11 +94,47 @@ def _common_args(settings, out_dir: Path, seed: int, model, report_to: str | lis
     return dict(
         output_dir=str(out_dir), learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
-        max_length=settings.max_length, logging_steps=1, save_strategy="no", report_to=report_to, seed=seed,
+        max_length=settings.max_length, logging_steps=1, save_strategy="steps", save_steps=settings.save_steps,
+        save_total_limit=1, save_only_model=False, report_to=report_to, seed=seed,
         data_seed=seed, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
         gradient_checkpointing=torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
         **_precision_args(model),
     )
+
+
+def _last_checkpoint(out_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
+
+
+def _resumable(trainer_cls):
+    """`trainer_cls` whose checkpoint resume restores the new adapter only, and the stack around it.
+
+    Transformers' own resume loads every adapter folder of the checkpoint and re-activates the first
+    active adapter alone, which for a stack is round 1's; here `default` is loaded from the checkpoint
+    (the earlier adapters never change) and the stack re-activated.
+    """
+
+    class Resumable(trainer_cls):
+        def __init__(self, *args, frozen_adapters: list[str], **kwargs):
+            self._frozen = list(frozen_adapters)
+            super().__init__(*args, **kwargs)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            peft_model = self.accelerator.unwrap_model(model or self.model)
+            weights = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(peft_model, weights, adapter_name=TRAINABLE)
+            missing = [k for k in result.unexpected_keys if "lora_" in k]
+            if missing:
+                raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not match the adapter: {missing[:3]}")
+            set_active(peft_model, self._frozen + [TRAINABLE], trainable=TRAINABLE)
+
+    Resumable.__name__ = f"Resumable{trainer_cls.__name__}"
+    return Resumable
 
 
 def _quiet(trainer) -> None:
@@ -172,11 +208,11 @@ def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *,
                              "completion": [{"role": "assistant", "content": r["completion"]}]} for r in records])
     args = SFTConfig(**_common_args(settings, out_dir, seed, model, report_to), completion_only_loss=True,
                      dataset_num_proc=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                         callbacks=[_progress_callback(console, desc)])
+    trainer = _resumable(SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                                     callbacks=[_progress_callback(console, desc)], frozen_adapters=frozen)
     _quiet(trainer)
     _check_stack(model, frozen, "SFT")
-    trainer.train()
+    trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
     _check_stack(model, frozen, "after SFT")
     return [dict(h) for h in trainer.state.log_history]
 
@@ -185,7 +221,7 @@ def _stack_dpo_trainer_class():
     from trl import DPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
 
-    class StackDPOTrainer(DPOTrainer):
+    class StackDPOTrainer(_resumable(DPOTrainer)):
         """TRL's DPOTrainer, made correct for a stack of adapters.
 
         Handed a PeftModel, TRL adds a `ref` copy of `default` and re-activates `default` alone (the
@@ -194,8 +230,7 @@ def _stack_dpo_trainer_class():
         """
 
         def __init__(self, *args, frozen_adapters: list[str], **kwargs):
-            self._frozen = list(frozen_adapters)
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, frozen_adapters=frozen_adapters, **kwargs)
             peft_model = self.accelerator.unwrap_model(self.model)
             if "ref" in peft_model.peft_config:
                 peft_model.delete_adapter("ref")
@@ -241,7 +276,7 @@ def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
     ref = [{"id": p["id"], "chosen_logp": float(c), "rejected_logp": float(r)}
            for p, c, r in zip(pairs, trainer.train_dataset["ref_chosen_logps"],
                               trainer.train_dataset["ref_rejected_logps"])]
-    trainer.train()
+    trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
     _check_stack(model, frozen, "after DPO")
     return [dict(h) for h in trainer.state.log_history], ref
 

@@ -1,0 +1,547 @@
+"""Run report: tables and PNG plots across rounds, as Markdown and HTML, from a run directory's artifacts alone.
+
+`python -m lora_cai.report DIR` (re)writes `DIR/report.md`, `DIR/report.html` (self-contained: the plots
+are embedded as base64) and the plots under `DIR/report/`. Nothing is loaded but the run's files: no model,
+no torch, no recipe.
+
+Where each number comes from:
+
+- per-round counts, first -> last training values and seconds: the round's summary in `manifest.json`
+  (the file the run itself wrote); a round the manifest does not list yet falls back to its files
+  (`responses.jsonl`, `critique-*.jsonl`, `sft.jsonl`, `pairs.jsonl`, `train.json`);
+- held-out metrics: `baseline-eval.json` (shown as round 0) and `round-k/eval.json`;
+- curves: `sft_log.jsonl` and `dpo_log.jsonl` (rows that carry a `loss`);
+- critique outcomes: the `status` of every record in `critique-*.jsonl`;
+- the principle table, the one computed analysis: per principle, critique records (sampled), records with
+  status `no_change`, records with status `revise`, the mean of `1 - difflib ratio` between a revise step's
+  input text and its revision (inputs rebuilt from `trajectories.jsonl`: step 1's input is `initial`, step
+  s's input is step s-1's revision), and pairs in `pairs.jsonl` naming the principle.
+
+Anything absent (eval disabled, no pairs so no DPO steps, a round still running) renders as "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import difflib
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+STATUSES = ("revise", "no_change", "copied_demonstration", "copied_response", "empty", "too_long")
+NA = "n/a"
+PLOTS = {  # file name under report/ -> title
+    "sft_loss.png": "SFT loss per step",
+    "dpo.png": "DPO loss, reward margin and reward accuracy per step",
+    "eval.png": "Held-out metrics per round (round 0 = base model)",
+    "critique_outcomes.png": "Critique outcomes per round",
+}
+SUMMARY_HEADERS = ["round", "prompts", "responses", "critiques", "revisions", "SFT records", "pairs",
+                   "SFT loss (first → last)", "DPO loss (first → last)", "DPO margin (first → last)",
+                   "harmful compliance", "over-refusal", "seconds"]
+PRINCIPLE_HEADERS = ["principle", "sampled", "no change", "no-change rate", "revisions", "mean change",
+                     "pairs"]
+EXAMPLES_PER_ROUND = 3
+TRUNCATE = 280
+
+
+# ------------------------------------------------------------------ reading the run
+def _read_json(path: Path) -> dict | None:
+    """A JSON object, or None when the file is absent, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file ([] when absent); a stage's uncommitted tail (past its meta pointer) and
+    unparsable lines are skipped, so a run that is still going reports what it has committed."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    meta = _read_json(path.with_name(path.name + ".meta.json"))
+    committed = meta.get("committed_bytes") if meta else None
+    if isinstance(committed, int) and 0 <= committed <= len(data):
+        data = data[:committed]
+    out = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def _step_files(rd: Path) -> list[Path]:
+    steps = []
+    for p in rd.glob("critique-*.jsonl"):
+        n = p.name[len("critique-"):-len(".jsonl")]
+        if n.isdigit():
+            steps.append((int(n), p))
+    return [p for _, p in sorted(steps)]
+
+
+def _load_round(root: Path, k: int, summary: dict) -> dict:
+    rd = root / f"round-{k}"
+    return {
+        "k": k,
+        "dir": rd,
+        "summary": summary if isinstance(summary, dict) else {},
+        "has_dir": rd.is_dir(),
+        "responses": _read_jsonl(rd / "responses.jsonl") if (rd / "responses.jsonl").exists() else None,
+        "critiques": [_read_jsonl(p) for p in _step_files(rd)],
+        "trajectories": _read_jsonl(rd / "trajectories.jsonl"),
+        "sft": _read_jsonl(rd / "sft.jsonl") if (rd / "sft.jsonl").exists() else None,
+        "pairs": _read_jsonl(rd / "pairs.jsonl") if (rd / "pairs.jsonl").exists() else None,
+        "sft_log": [r for r in _read_jsonl(rd / "sft_log.jsonl") if "loss" in r],
+        "dpo_log": [r for r in _read_jsonl(rd / "dpo_log.jsonl") if "loss" in r],
+        "train": _read_json(rd / "train.json"),
+        "eval": _read_json(rd / "eval.json"),
+    }
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Everything the report shows, read from the run directory; UserError when it is not one."""
+    root = Path(run_dir)
+    if not root.exists():
+        raise UserError(f"{root}: no such directory; give a run directory (the output_dir of a lora_cai run)")
+    if not root.is_dir():
+        raise UserError(f"{root}: not a directory; give a run directory (the output_dir of a lora_cai run)")
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise UserError(f"{mpath}: missing, so {root} is not a lora_cai run directory; give the output_dir of a run")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{mpath}: not a readable run manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{mpath}: not a run manifest (a JSON object was expected, got {type(manifest).__name__})")
+    rounds_meta = manifest.get("rounds") if isinstance(manifest.get("rounds"), dict) else {}
+    ks = {int(k) for k in rounds_meta if str(k).isdigit()}
+    ks |= {int(d.name[len("round-"):]) for d in root.glob("round-*")
+           if d.is_dir() and d.name[len("round-"):].isdigit()}
+    return {
+        "root": root,
+        "manifest": manifest,
+        "baseline": _read_json(root / "baseline-eval.json"),
+        "rounds": [_load_round(root, k, rounds_meta.get(str(k)) or {}) for k in sorted(ks)],
+    }
+
+
+# ------------------------------------------------------------------ numbers
+def _count_or(summary: dict, key: str, fallback):
+    """The manifest's count when it has one, else the count from the round's files (None: unknown)."""
+    v = summary.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v
+    return fallback
+
+
+def _training(r: dict, which: str) -> dict:
+    s = r["summary"].get(which)
+    if isinstance(s, dict):
+        return s
+    t = (r["train"] or {}).get(which)
+    return t if isinstance(t, dict) else {}
+
+
+def _eval(r: dict) -> dict:
+    if r["eval"] is not None:
+        return r["eval"]
+    e = r["summary"].get("eval")
+    return e if isinstance(e, dict) else {}
+
+
+def status_counts(r: dict) -> dict[str, int]:
+    """Critique outcomes of a round, from the `status` of every critique-*.jsonl record."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for recs in r["critiques"]:
+        for rec in recs:
+            st = rec.get("status")
+            if st in counts:
+                counts[st] += 1
+    return counts
+
+
+def summary_row(r: dict) -> dict[str, Any]:
+    """The per-round summary as raw values (None: not available)."""
+    s = r["summary"]
+    crit = [rec for recs in r["critiques"] for rec in recs]
+    have_crit = bool(r["critiques"])
+    sft, dpo, ev = _training(r, "sft"), _training(r, "dpo"), _eval(r)
+    return {
+        "round": r["k"],
+        "prompts": _count_or(s, "prompts", None),
+        "responses": _count_or(s, "responses", None if r["responses"] is None else
+                               sum(1 for x in r["responses"] if x.get("response") is not None)),
+        "critiques": _count_or(s, "critiques", len(crit) if have_crit else None),
+        "revisions": _count_or(s, "revisions", sum(x.get("status") == "revise" for x in crit) if have_crit else None),
+        "sft_records": _count_or(s, "sft_records", None if r["sft"] is None else len(r["sft"])),
+        "pairs": _count_or(s, "pairs", None if r["pairs"] is None else len(r["pairs"])),
+        "sft_loss": (sft.get("first_loss"), sft.get("last_loss")),
+        "dpo_loss": (dpo.get("first_loss"), dpo.get("last_loss")),
+        "dpo_margin": (dpo.get("first_rewards/margins"), dpo.get("last_rewards/margins")),
+        "harmful_compliance": ev.get("harmful_compliance"),
+        "over_refusal": ev.get("over_refusal"),
+        "seconds": s.get("seconds"),
+    }
+
+
+def principle_stats(run: dict) -> dict[str, dict]:
+    """Per principle, over all rounds: sampled, no_change, revisions, mean change, pairs (see the module doc)."""
+    stats: dict[str, dict] = {}
+
+    def entry(name) -> dict:
+        return stats.setdefault(str(name), {"sampled": 0, "no_change": 0, "revisions": 0, "changes": [], "pairs": 0})
+
+    for r in run["rounds"]:
+        for recs in r["critiques"]:
+            for rec in recs:
+                if rec.get("principle") is None:
+                    continue
+                e = entry(rec["principle"])
+                e["sampled"] += 1
+                e["no_change"] += rec.get("status") == "no_change"
+                e["revisions"] += rec.get("status") == "revise"
+        for t in r["trajectories"]:
+            current = t.get("initial")
+            steps = [s for s in t.get("steps") or [] if isinstance(s, dict)]
+            for s in sorted(steps, key=lambda s: s.get("step") or 0):
+                revision = s.get("revision")
+                if s.get("status") != "revise" or not isinstance(revision, str) or not revision:
+                    break  # the trajectory stops here; later steps (if any) saw nothing new
+                if isinstance(current, str) and s.get("principle") is not None:
+                    ratio = difflib.SequenceMatcher(None, current, revision).ratio()
+                    entry(s["principle"])["changes"].append(1.0 - ratio)
+                current = revision
+        for p in r["pairs"] or []:
+            if p.get("principle") is not None:
+                entry(p["principle"])["pairs"] += 1
+    for e in stats.values():
+        e["mean_change"] = sum(e["changes"]) / len(e["changes"]) if e["changes"] else None
+    return dict(sorted(stats.items(), key=lambda kv: (-kv[1]["sampled"], kv[0])))
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or isinstance(v, bool):
+        return NA
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _span(pair) -> str:
+    a, b = pair
+    if a is None and b is None:
+        return NA
+    return f"{_fmt(a)} → {_fmt(b)}"
+
+
+def _rate(num, den) -> str:
+    return f"{num / den:.1%}" if den else NA
+
+
+# ------------------------------------------------------------------ plots
+def _figure(figsize):
+    """A figure on the Agg canvas, without touching pyplot's global backend."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("the run report needs matplotlib; install it with `pip install matplotlib`") from None
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _curve_plot(ax, run: dict, log_key: str, metric: str, title: str) -> None:
+    drawn = False
+    for r in run["rounds"]:
+        pts = [(h.get("step"), h.get(metric)) for h in r[log_key]]
+        pts = [(x, y) for x, y in pts if isinstance(x, (int, float)) and isinstance(y, (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=f"round {r['k']}")
+            drawn = True
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        _empty(ax, "no steps logged")
+
+
+def plot_sft(run: dict, path: Path) -> None:
+    fig = _figure((7, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    _curve_plot(ax, run, "sft_log", "loss", "SFT loss")
+    ax.set_ylabel("loss")
+    _save(fig, path)
+
+
+def plot_dpo(run: dict, path: Path) -> None:
+    fig = _figure((13, 4))
+    for i, (metric, title) in enumerate((("loss", "DPO loss"), ("rewards/margins", "reward margin"),
+                                         ("rewards/accuracies", "reward accuracy"))):
+        ax = fig.add_subplot(1, 3, i + 1)
+        _curve_plot(ax, run, "dpo_log", metric, title)
+    _save(fig, path)
+
+
+def plot_eval(run: dict, path: Path) -> None:
+    fig = _figure((7, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    points = [(0, run["baseline"] or {})] + [(r["k"], _eval(r)) for r in run["rounds"]]
+    drawn = False
+    for key, label, marker in (("harmful_compliance", "harmful compliance", "o"),
+                               ("over_refusal", "over-refusal", "s")):
+        pts = [(k, ev[key]) for k, ev in points if isinstance(ev.get(key), (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker=marker, label=label)
+            drawn = True
+    ax.set_xticks([k for k, _ in points])
+    ax.set_xticklabels(["base" if k == 0 else str(k) for k, _ in points])
+    ax.set_xlabel("round")
+    ax.set_ylabel("rate")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("held-out metrics")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        _empty(ax, "no evaluation in this run")
+    _save(fig, path)
+
+
+def plot_critiques(run: dict, path: Path) -> None:
+    fig = _figure((8, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    ks = [r["k"] for r in run["rounds"]]
+    counts = [status_counts(r) for r in run["rounds"]]
+    bottom = [0] * len(ks)
+    for st in STATUSES:
+        vals = [c[st] for c in counts]
+        ax.bar([str(k) for k in ks], vals, bottom=bottom, label=st)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("round")
+    ax.set_ylabel("critique records")
+    ax.set_title("critique outcomes")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if not any(bottom):
+        _empty(ax, "no critique records")
+    _save(fig, path)
+
+
+# ------------------------------------------------------------------ document
+def _truncate(text, n: int = TRUNCATE) -> str:
+    if text is None:
+        return NA
+    text = str(text)
+    return text if len(text) <= n else text[:n].rstrip() + " …"
+
+
+def _examples(r: dict) -> list[dict]:
+    """A few trajectories of the round, those whose final text differs from the initial one first."""
+    ts = [t for t in r["trajectories"] if isinstance(t, dict)]
+    changed = [t for t in ts if t.get("final") != t.get("initial")]
+    rest = [t for t in ts if t.get("final") == t.get("initial")]
+    return (changed + rest)[:EXAMPLES_PER_ROUND]
+
+
+def _blocks(run: dict) -> list[tuple]:
+    """The report as a list of blocks, rendered once as Markdown and once as HTML."""
+    m, root = run["manifest"], run["root"]
+    model = m.get("model") if isinstance(m.get("model"), dict) else {}
+    const = m.get("constitution") if isinstance(m.get("constitution"), dict) else {}
+    stack = m.get("stack") if isinstance(m.get("stack"), list) else []
+    b: list[tuple] = [("h1", f"lora_cai run report: {m.get('name') or root.name}")]
+    facts = [("run directory", str(root)), ("base model", model.get("name")), ("backend", m.get("backend")),
+             ("constitution", f"{const.get('name', NA)} ({str(const.get('hash', NA))[:12]})"),
+             ("seed", m.get("seed")), ("rounds", len(run["rounds"])),
+             ("adapter stack", ", ".join(map(str, stack)) or NA)]
+    b.append(("list", [f"{k}: {_fmt(v)}" for k, v in facts]))
+
+    b.append(("h2", "Rounds"))
+    b.append(("p", "Counts, first → last training values and seconds are the run's own per-round summaries "
+                   "(manifest.json); held-out rates come from baseline-eval.json (round 0, the base model) and "
+                   "round-k/eval.json. n/a: not in the artifacts (evaluation disabled, no pairs to train DPO on, "
+                   "or the round has not finished)."))
+    rows = []
+    base = run["baseline"]
+    if base is not None:
+        rows.append(["0 (base)"] + [NA] * 9 + [_fmt(base.get("harmful_compliance")),
+                                                _fmt(base.get("over_refusal")), NA])
+    for r in run["rounds"]:
+        s = summary_row(r)
+        rows.append([str(s["round"]), _fmt(s["prompts"]), _fmt(s["responses"]), _fmt(s["critiques"]),
+                     _fmt(s["revisions"]), _fmt(s["sft_records"]), _fmt(s["pairs"]), _span(s["sft_loss"]),
+                     _span(s["dpo_loss"]), _span(s["dpo_margin"]), _fmt(s["harmful_compliance"]),
+                     _fmt(s["over_refusal"]), _fmt(s["seconds"], 1)])
+    b.append(("table", SUMMARY_HEADERS, rows))
+
+    b.append(("h2", "Critique outcomes"))
+    b.append(("p", "Statuses of the records in round-k/critique-*.jsonl."))
+    rows = []
+    for r in run["rounds"]:
+        c = status_counts(r)
+        rows.append([str(r["k"])] + [str(c[st]) for st in STATUSES] + [str(sum(c.values()))])
+    b.append(("table", ["round", *STATUSES, "total"], rows))
+    b.append(("img", "critique_outcomes.png"))
+
+    b.append(("h2", "Principles"))
+    b.append(("p", "Over all rounds. sampled: critique records naming the principle; no change: of those, "
+                   "status no_change; revisions: status revise; mean change: mean of 1 - difflib ratio between "
+                   "a revise step's input (step 1: the initial response; step s: step s-1's revision, from "
+                   "trajectories.jsonl) and its revision; pairs: pairs.jsonl records naming the principle."))
+    rows = [[name, str(e["sampled"]), str(e["no_change"]), _rate(e["no_change"], e["sampled"]),
+             str(e["revisions"]), _fmt(e["mean_change"], 3), str(e["pairs"])]
+            for name, e in principle_stats(run).items()]
+    b.append(("table", PRINCIPLE_HEADERS, rows) if rows else ("p", "No critique records."))
+
+    b.append(("h2", "Training curves"))
+    b.append(("img", "sft_loss.png"))
+    b.append(("img", "dpo.png"))
+    b.append(("h2", "Held-out evaluation"))
+    b.append(("img", "eval.png"))
+
+    b.append(("h2", "Example trajectories"))
+    b.append(("p", f"Up to {EXAMPLES_PER_ROUND} per round from trajectories.jsonl (changed ones first), "
+                   f"truncated to {TRUNCATE} characters."))
+    for r in run["rounds"]:
+        b.append(("h3", f"Round {r['k']}"))
+        ex = _examples(r)
+        if not ex:
+            b.append(("p", "No trajectories."))
+            continue
+        rows = [[_truncate(t.get("prompt")), _truncate(t.get("initial")), _truncate(t.get("final"))] for t in ex]
+        b.append(("table", ["prompt", "initial", "final"], rows))
+    return b
+
+
+def _md_cell(text: str) -> str:
+    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", "")
+            .replace("\n", " ↵ ").replace("<", "&lt;").replace(">", "&gt;"))
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    out = []
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + blk[1])
+        elif kind == "p":
+            out.append(blk[1])
+        elif kind == "list":
+            out.append("\n".join(f"- {_md_cell(x)}" for x in blk[1]))
+        elif kind == "table":
+            _, headers, rows = blk
+            lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+        elif kind == "img":
+            out.append(f"![{PLOTS[blk[1]]}](report/{blk[1]})")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;
+vertical-align:top}th{background:#f3f3f3}td{white-space:pre-wrap}img{max-width:100%;display:block;margin:1em 0}"""
+
+
+def render_html(blocks: list[tuple], plot_dir: Path) -> str:
+    e = html.escape
+    title = next((blk[1] for blk in blocks if blk[0] == "h1"), "lora_cai run report")
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+           f"<style>{_CSS}</style></head><body>"]
+    for blk in blocks:
+        kind = blk[0]
+        if kind in ("h1", "h2", "h3"):
+            out.append(f"<{kind}>{e(blk[1])}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{e(blk[1])}</p>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in blk[1]) + "</ul>")
+        elif kind == "table":
+            _, headers, rows = blk
+            out.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr></thead><tbody>")
+            out += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows]
+            out.append("</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode((plot_dir / blk[1]).read_bytes()).decode("ascii")
+            out.append(f'<img alt="{e(PLOTS[blk[1]])}" src="data:image/png;base64,{data}">')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------ entry points
+def build_report(run_dir: str | Path) -> Path:
+    """Write report.md, report.html and report/*.png into the run directory; return report.md's path."""
+    from .store import atomic_write_text
+
+    run = load_run(run_dir)
+    root = run["root"]
+    plot_dir = root / "report"
+    plot_dir.mkdir(exist_ok=True)
+    plot_sft(run, plot_dir / "sft_loss.png")
+    plot_dpo(run, plot_dir / "dpo.png")
+    plot_eval(run, plot_dir / "eval.png")
+    plot_critiques(run, plot_dir / "critique_outcomes.png")
+    blocks = _blocks(run)
+    md = root / "report.md"
+    atomic_write_text(md, render_markdown(blocks))
+    atomic_write_text(root / "report.html", render_html(blocks, plot_dir))
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lora_cai.report",
+        description="Write DIR/report.md, DIR/report.html and DIR/report/*.png from a run directory's artifacts.")
+    parser.add_argument("run_dir", metavar="DIR", help="a run directory (the output_dir of a lora_cai run)")
+
+    def _one_line(message: str):  # argparse prints usage + error (two lines); keep the one-line promise
+        raise UserError(f"{message} (see python -m lora_cai.report --help)")
+
+    parser.error = _one_line
+    try:
+        args = parser.parse_args(argv)
+        path = build_report(args.run_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""kill -9 anywhere, rerun the same command: the same artifacts as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_recipe
+
+# small batches so each stage has several commits and checkpoints to be killed between
+SETTINGS = ["--set", "rounds=1", "--set", "data.eval_limit=0", "--set", "generation.max_batch_size=2",
+            "--set", "sft.batch_size=1", "--set", "sft.save_steps=2", "--set", "dpo.batch_size=1",
+            "--set", "dpo.save_steps=2"]
+
+
+def cli(recipe: Path) -> list[str]:
+    return [sys.executable, "-m", "lora_cai.recipe", str(recipe), *SETTINGS]
+
+
+def run_to_end(recipe: Path) -> None:
+    proc = subprocess.run(cli(recipe), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def kill_when(recipe: Path, ready, timeout: float = 600) -> None:
+    """Start the run, SIGKILL it as soon as `ready()` is true."""
+    proc = subprocess.Popen(cli(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before the kill point"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+def committed_batches(meta: Path) -> int:
+    try:
+        return len(json.loads(meta.read_text())["batches"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def artifacts(run: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    out: dict[str, object] = {}
+    rd = run / "round-1"
+    for name in ("responses.jsonl", "critique-1.jsonl", "critique-2.jsonl", "trajectories.jsonl", "sft.jsonl",
+                 "pairs.jsonl", "ref_logps.jsonl"):
+        out[name] = (rd / name).read_text()
+    out["adapter"] = {k: v.tolist() for k, v in load_file(str(rd / "adapter" / "adapter_model.safetensors")).items()}
+    for log in ("sft_log.jsonl", "dpo_log.jsonl"):
+        # timings differ; TRL's cumulative `num_tokens` and Trainer's closing `train_loss` (the mean over the
+        # steps this process ran) are not part of a checkpoint. Every per-step loss must match.
+        out[log] = [{k: v for k, v in json.loads(line).items()
+                     if "runtime" not in k and "per_second" not in k and k not in ("num_tokens", "train_loss")}
+                    for line in (rd / log).read_text().splitlines()]
+    m = json.loads((run / "manifest.json").read_text())
+    for r in m["rounds"].values():
+        r.pop("seconds")
+    out["manifest"] = m
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run_to_end(write_recipe(tmp / "r.yaml", tiny_model, tmp / "run"))
+    return artifacts(tmp / "run")
+
+
+KILL_POINTS = {
+    "generation": lambda rd: committed_batches(rd / "responses.jsonl.meta.json") >= 1,
+    "critique": lambda rd: committed_batches(rd / "critique-1.jsonl.meta.json") >= 1,
+    "sft": lambda rd: any((rd / "checkpoints" / "sft").glob("checkpoint-*/trainer_state.json")),
+    "dpo": lambda rd: any((rd / "checkpoints" / "dpo").glob("checkpoint-*/trainer_state.json")),
+}
+
+
+@pytest.mark.parametrize("point", [
+    "generation", "sft", pytest.param("critique", marks=pytest.mark.slow), pytest.param("dpo", marks=pytest.mark.slow)])
+def test_killed_run_resumes_to_identical_artifacts(point, reference, tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
+    rd = tmp_path / "run" / "round-1"
+    kill_when(recipe, lambda: KILL_POINTS[point](rd))
+    assert not (rd / "train.json").exists()  # really cut off before the round finished
+    run_to_end(recipe)
+    got = artifacts(tmp_path / "run")
+    for key in reference:
+        assert got[key] == reference[key], key
+    assert not (rd / "checkpoints").exists()
