@@ -126,6 +126,8 @@ class RecipeConfig(Section):
     data: DataConfig
     rounds: int = Field(1, ge=1, description="CAI rounds; each trains one LoRA adapter stacked on the earlier ones.")
     seed: int = Field(42, description="Seed for sampling, principle choice and training.")
+    vram_gb: float = Field(24.0, gt=0, description="GPU memory budget the planner fits batch sizes into "
+                                                   "(`--dry-run` prints the plan).")
     output_dir: str | None = Field(None, description="Run directory (default: runs/<name>).")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)

@@ -30,7 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set rounds=2 --set sft.learning_rate=1e-4 (repeatable)")
     p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and meaning")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe and print the memory plan per stage for vram_gb; load no model")
     return p
+
+
+def dry_run(cfg) -> None:
+    from .offline_models import resolve_model_path
+    from .planner import format_plan, load_model_config, plan_recipe
+
+    name = cfg.model.name
+    if name.startswith("pip:") or name.endswith(".gguf"):
+        name = resolve_model_path(name)
+    estimates = plan_recipe(cfg, cfg.vram_gb, model_config=load_model_config(name), device="cuda")
+    print(f"recipe {cfg.source}: model {cfg.model.name}, {cfg.rounds} round(s), output {cfg.output_dir}")
+    print(f"memory plan for a {cfg.vram_gb:g} GB GPU (4-bit={cfg.model.load_in_4bit}, LoRA r={cfg.lora.r}):")
+    print(format_plan(estimates))
 
 
 def _print_keys() -> None:
@@ -410,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         from .config import load_recipe
 
         cfg = load_recipe(args.recipe, args.overrides, args.output_dir)
+        if args.dry_run:
+            dry_run(cfg)
+            return 0
         console = Console(stderr=True)
         run = Run(cfg, console)
         run.run()
