@@ -9,6 +9,7 @@ same command resumes an interrupted run.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -17,7 +18,41 @@ from pathlib import Path
 
 from .errors import UserError
 
-STAGES = ("responses", "critique", "pairs", "train", "eval")
+# Files each stage owns inside round-<k>/, in stage order: restarting a stage supersedes it and all after it.
+STAGE_FILES = {
+    "responses": ["responses.jsonl", "responses.jsonl.meta.json"],
+    "critique": ["critique-*.jsonl", "critique-*.jsonl.meta.json", "trajectories.jsonl", "sft.jsonl", "pairs.jsonl"],
+    "train": ["checkpoints", "train.json", "adapter", "ref_logps.jsonl", "sft_log.jsonl", "dpo_log.jsonl"],
+    "eval": ["eval.json"],
+}
+RESTARTABLE = tuple(STAGE_FILES)
+
+
+def restart_from(root: Path, stage: str, k: int) -> Path | None:
+    """Move `stage` and every later stage of round k, and every later round, into root/superseded-<time>/."""
+    from .store import RunStore
+
+    store = RunStore(root)
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise UserError(f"--restart-from: {root} has no finished work to restart (no manifest.json)")
+    dest = root / time.strftime("superseded-%Y%m%d-%H%M%S")
+    later = list(STAGE_FILES)[list(STAGE_FILES).index(stage):]
+    moved = []
+    for rd in sorted(root.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+        r = int(rd.name.split("-")[1])
+        if r < k:
+            continue
+        paths = [rd] if r > k else [p for st in later for pattern in STAGE_FILES[st] for p in rd.glob(pattern)]
+        for p in paths:
+            target = dest / rd.name / p.name if p != rd else dest / rd.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, target)
+            moved.append(p)
+    manifest["stack"] = [s for s in manifest.get("stack", []) if int(s.split("/")[0].split("-")[1]) < k]
+    manifest["rounds"] = {r: v for r, v in manifest.get("rounds", {}).items() if int(r) < k}
+    store.write_manifest(manifest)
+    return dest if moved else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set rounds=2 --set sft.learning_rate=1e-4 (repeatable)")
     p.add_argument("--help-keys", action="store_true", help="list every recipe key with its default and meaning")
+    p.add_argument("--restart-from", choices=RESTARTABLE, metavar="STAGE",
+                   help=f"rerun STAGE ({', '.join(RESTARTABLE)}) of round --round and everything after it; the "
+                        f"superseded files are moved to DIR/superseded-<time>/, not deleted")
+    p.add_argument("--round", type=int, default=1, metavar="K", help="the round --restart-from starts at (default 1)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print the memory plan per stage for vram_gb; load no model")
     return p
@@ -380,6 +419,22 @@ class Run:
             f"{last['detector']})")
 
 
+def _disk_full(exc: BaseException) -> str | None:
+    """The file being written when the disk filled ('' if unknown), or None when `exc` is not a full disk.
+
+    Libraries wrap ENOSPC in their own errors (safetensors: SafetensorError "... (os error 28)").
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return exc.filename or ""
+        if "No space left on device" in str(exc):
+            return ""
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _quiet_library_bars() -> None:
     """Our rich bars show progress; the libraries' own tqdm bars (weights, dataset maps) would bury them."""
     import datasets
@@ -429,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(cfg)
             return 0
         console = Console(stderr=True)
+        if args.restart_from:
+            if args.round < 1 or args.round > cfg.rounds:
+                raise UserError(f"--round {args.round}: the recipe has rounds 1..{cfg.rounds}")
+            dest = restart_from(Path(cfg.output_dir), args.restart_from, args.round)
+            if dest:
+                console.print(f"restarting from round {args.round} {args.restart_from}: superseded files moved to {dest}")
         run = Run(cfg, console)
         run.run()
         console.print(f"run directory: {cfg.output_dir}")
@@ -439,6 +500,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: committed work is kept; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        full = _disk_full(e)
+        if full is not None:
+            print(f"error: disk full while writing {full or 'the run directory'}: free some space and rerun the same "
+                  f"command (committed work is kept)", file=sys.stderr)
+            return 2
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        print("error: the GPU ran out of memory; run the same command with --dry-run to see the memory plan, then "
+              "lower sft.batch_size / dpo.batch_size (raise grad_accum), max_length or lora.r, or set vram_gb to "
+              "your card and rerun (committed work is kept)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ what the policy computes and needs no second model copy.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+from .errors import UserError
 
 from .models import TRAINABLE, active_adapters, set_active, starting_policy
 
@@ -94,7 +97,8 @@ def _common_args(settings, out_dir: Path, seed: int, model, report_to: str | lis
     return dict(
         output_dir=str(out_dir), learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
-        max_length=settings.max_length, logging_steps=1, save_strategy="steps", save_steps=settings.save_steps,
+        max_length=settings.max_length, logging_steps=1, logging_nan_inf_filter=False,  # NaN must show, to stop
+        save_strategy="steps", save_steps=settings.save_steps,
         save_total_limit=1, save_only_model=False, report_to=report_to, seed=seed,
         data_seed=seed, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
         gradient_checkpointing=torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
@@ -172,7 +176,15 @@ def _progress_callback(console, desc: str):
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                self.progress.update(self.task, loss=f"{float(logs['loss']):.4f}")
+                loss = float(logs["loss"])
+                if not math.isfinite(loss):
+                    # Raised before this step's checkpoint is written: the last one on disk is still good.
+                    self.progress.stop()
+                    good = _last_checkpoint(Path(args.output_dir))
+                    raise UserError(f"{desc}: the loss became {loss} at step {state.global_step}; last good checkpoint: "
+                                    f"{good or 'none (diverged before the first save)'}; lower the learning rate "
+                                    f"and rerun")
+                self.progress.update(self.task, loss=f"{loss:.4f}")
 
         def on_train_end(self, args, state, control, **kw):
             self.progress.stop()

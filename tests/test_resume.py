@@ -99,3 +99,39 @@ def test_killed_run_resumes_to_identical_artifacts(point, reference, tiny_model,
     for key in reference:
         assert got[key] == reference[key], key
     assert not (rd / "checkpoints").exists()
+
+
+def test_restart_from_reruns_that_stage_and_later_and_keeps_the_old_files(reference, tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
+    run_to_end(recipe)
+    rd = tmp_path / "run" / "round-1"
+    responses_before = (rd / "responses.jsonl").stat().st_mtime_ns
+    proc = subprocess.run(cli(recipe) + ["--restart-from", "critique"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    superseded = list((tmp_path / "run").glob("superseded-*/round-1"))
+    assert len(superseded) == 1
+    assert {p.name for p in superseded[0].iterdir()} >= {"critique-1.jsonl", "pairs.jsonl", "train.json", "adapter"}
+    assert not (superseded[0] / "responses.jsonl").exists()
+    assert (rd / "responses.jsonl").stat().st_mtime_ns == responses_before  # earlier stage kept, not redone
+    got = artifacts(tmp_path / "run")
+    for key in reference:
+        assert got[key] == reference[key], key
+
+
+def test_a_full_disk_is_one_line_and_keeps_committed_work(tiny_model, tmp_path):
+    """The run directory on a real 256 KB tmpfs: writes fail with ENOSPC inside the round."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_model, mnt / "run")
+        proc = subprocess.run(cli(recipe), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: disk full while writing ") and "committed work is kept" in last
+        assert "Traceback" not in proc.stderr
+        meta = json.loads((mnt / "run" / "round-1" / "responses.jsonl.meta.json").read_text())
+        assert (mnt / "run" / "round-1" / "responses.jsonl").stat().st_size == meta["committed_bytes"]
+    finally:
+        subprocess.run(["umount", str(mnt)])

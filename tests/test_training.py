@@ -131,3 +131,28 @@ def test_torch_logprob_fallback_matches_full_softmax():
     assert torch.equal(top1, full.argmax(-1) == targets)
     lp.sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model, tmp_path):
+    from lora_cai.errors import UserError
+
+    model, tok, frozen = build(tiny_model)
+    calls = {"n": 0}
+
+    def poison_after_three_steps(module, args, output):  # a divergence, injected into a real training loop
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 3 else output
+
+    layer = model.get_base_model().model.layers[-1].mlp.down_proj
+    layer.register_forward_hook(poison_after_three_steps)
+    with pytest.raises(UserError) as err:
+        training.train_sft(model, tok, SFT, SFTSettings(batch_size=1, save_steps=1), tmp_path, seed=0, frozen=frozen,
+                           desc="round 1 SFT")
+    msg = str(err.value)
+    assert "round 1 SFT: the loss became nan at step" in msg and "\n" not in msg
+    step = int(msg.split("at step ")[1].split(";")[0])
+    good = msg.split("last good checkpoint: ")[1].split(";")[0]
+    assert good == str(tmp_path / f"checkpoint-{step - 1}")
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(f"{good}/adapter_model.safetensors").values())
