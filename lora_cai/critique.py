@@ -106,7 +106,11 @@ def run_critique_step(generator, constitution: Constitution, items: list[dict], 
 
 
 def assemble(responses: list[dict], steps: list[list[dict]], constitution: Constitution) -> list[dict]:
-    """Trajectories {id, prompt, initial, steps, final, stopped_early, usable} from the stage outputs."""
+    """Trajectories {id, prompt, initial, steps, final, stopped_early, usable} from the stage outputs.
+
+    A trajectory ends at its first step that is not a revision. It is usable for training unless that is
+    step 1 and the critique was unusable (a copy, empty, too long): then nothing was ever critiqued.
+    """
     by_step = [{r["id"]: r for r in s} for s in steps]
     out = []
     for r in responses:
@@ -120,8 +124,8 @@ def assemble(responses: list[dict], steps: list[list[dict]], constitution: Const
                 current = rec["revision"]
                 continue
             stopped = rec["status"] == "no_change"
-            if rec["status"] in {"copied_demonstration", "copied_response", "empty", "too_long"}:
-                usable = False
+            if rec["status"] in {"copied_demonstration", "copied_response", "empty", "too_long"} and len(traj_steps) == 1:
+                usable = False  # no real critique ever happened; a later bad step keeps the last good revision
             break
         out.append({"id": r["id"], "prompt": r["prompt"], "initial": r["response"], "steps": traj_steps,
                     "final": current, "stopped_early": stopped, "usable": usable})

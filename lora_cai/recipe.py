@@ -150,6 +150,12 @@ class Run:
         if made_with != self.cfg.model.name:
             raise UserError(f"{path}: this run directory was made with base model "
                             f"'{made_with}', not '{self.cfg.model.name}'; use another --output-dir")
+        # Another constitution is another run; an edited one (same name) reruns the stages it feeds.
+        const = m.get("constitution")
+        made_const = const.get("name") if isinstance(const, dict) else None
+        if made_const is not None and made_const != self.constitution.name:
+            raise UserError(f"{path}: this run directory was made with constitution '{made_const}', not "
+                            f"'{self.constitution.name}'; use another --output-dir")
 
     # ---------------------------------------------------------------- manifest
     def manifest(self) -> dict:

@@ -94,11 +94,17 @@ def test_killed_run_resumes_to_identical_artifacts(point, reference, tiny_model,
     rd = tmp_path / "run" / "round-1"
     kill_when(recipe, lambda: KILL_POINTS[point](rd))
     assert not (rd / "train.json").exists()  # really cut off before the round finished
+    committed = json.loads((rd / "responses.jsonl.meta.json").read_text()) if point == "generation" else None
     run_to_end(recipe)
     got = artifacts(tmp_path / "run")
     for key in reference:
         assert got[key] == reference[key], key
     assert not (rd / "checkpoints").exists()
+    if committed is not None:
+        # only the batches that were not committed before the kill were generated again
+        done = json.loads((rd / "responses.jsonl.meta.json").read_text())
+        assert done["summary"]["generation"]["requested"] == 6 - committed["count"]
+        assert committed["count"] >= 2
 
 
 def test_restart_from_reruns_that_stage_and_later_and_keeps_the_old_files(reference, tiny_model, tmp_path):
@@ -135,3 +141,41 @@ def test_a_full_disk_is_one_line_and_keeps_committed_work(tiny_model, tmp_path):
         assert (mnt / "run" / "round-1" / "responses.jsonl").stat().st_size == meta["committed_bytes"]
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+@pytest.mark.slow
+def test_killed_between_rounds_resumes_to_identical_artifacts(tiny_model, tmp_path):
+    two = ["--set", "rounds=2"]
+    ref_recipe = write_recipe(tmp_path / "ref.yaml", tiny_model, tmp_path / "ref")
+    proc = subprocess.run(cli(ref_recipe) + two, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
+    manifest = tmp_path / "run" / "manifest.json"
+    proc = subprocess.Popen(cli(recipe) + two, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (manifest.exists() and '"1"' in manifest.read_text()):
+        assert proc.poll() is None
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "round-2" / "train.json").exists()
+    proc = subprocess.run(cli(recipe) + two, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in sorted((tmp_path / "ref").rglob("*.jsonl")):
+        rel = f.relative_to(tmp_path / "ref")
+        if "log" not in f.name:
+            assert (tmp_path / "run" / rel).read_bytes() == f.read_bytes(), rel
+
+
+def test_a_damaged_adapter_is_a_one_line_error(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
+    run_to_end(recipe)
+    adapter = tmp_path / "run" / "round-1" / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(b"not a safetensors file")
+    assert adapter.stat().st_size == 22
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    proc = subprocess.run(cli(recipe) + ["--set", "rounds=2"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "round-1/adapter" in last and "unreadable adapter" in last
+    assert "Traceback" not in proc.stderr
+    assert all(p.read_bytes() == b for p, b in snapshot.items())  # nothing changed by the failed run
