@@ -100,23 +100,26 @@ class LoraSettings(Section):
         description="Linear layers that get LoRA adapters.")
 
 
-class SFTSettings(Section):
-    learning_rate: float = Field(2e-4, gt=0, description="SFT learning rate.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the revisions.")
-    batch_size: int = Field(4, gt=0, description="Sequences per device step.")
+class _TrainSettings(Section):
+    """What SFT and DPO share."""
+
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
-    max_length: int = Field(1024, gt=0, description="Truncate SFT sequences to this many tokens.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every this many steps; a killed run resumes there.")
 
 
-class DPOSettings(Section):
+class SFTSettings(_TrainSettings):
+    learning_rate: float = Field(2e-4, gt=0, description="SFT learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the revisions.")
+    batch_size: int = Field(4, gt=0, description="Sequences per device step.")
+    max_length: int = Field(1024, gt=0, description="Truncate SFT sequences to this many tokens.")
+
+
+class DPOSettings(_TrainSettings):
     beta: float = Field(0.1, gt=0, description="DPO beta (strength of the pull towards the reference).")
     learning_rate: float = Field(5e-5, gt=0, description="DPO learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the preference pairs.")
     batch_size: int = Field(2, gt=0, description="Pairs per device step.")
-    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     max_length: int = Field(1024, gt=0, description="Truncate prompt + completion to this many tokens.")
-    save_steps: int = Field(50, gt=0, description="Checkpoint every this many steps; a killed run resumes there.")
 
 
 class RecipeConfig(Section):

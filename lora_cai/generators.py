@@ -12,7 +12,17 @@ from typing import Iterator
 from .generation import GenerationStats, iter_generate, render_chat
 
 
-class LocalGenerator:
+class _Generator:
+    def generate(self, conversations: list[list[dict]], **kw) -> list[str | None]:
+        """All texts in input order (None where a prompt was too long or a request failed)."""
+        out: list[str | None] = [None] * len(conversations)
+        for _, items in self.iter(conversations, **kw):
+            for i, text in items:
+                out[i] = text
+        return out
+
+
+class LocalGenerator(_Generator):
     """The batched engine on the in-process model (the policy being trained)."""
 
     def __init__(self, model, tokenizer, *, token_budget: int, max_batch_size: int):
@@ -28,15 +38,8 @@ class LocalGenerator:
                                  max_batch_size=self.max_batch_size, skip_batches=skip_batches, stats=stats,
                                  progress=progress, description=description)
 
-    def generate(self, conversations: list[list[dict]], **kw) -> list[str | None]:
-        out: list[str | None] = [None] * len(conversations)
-        for _, items in self.iter(conversations, **kw):
-            for i, text in items:
-                out[i] = text
-        return out
 
-
-class APIGenerator:
+class APIGenerator(_Generator):
     """An OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, `python -m lora_cai.serve`).
 
     Batches are consecutive slices of `batch_size` requests, sent with the client's concurrency limit;
@@ -72,13 +75,6 @@ class APIGenerator:
             if task is not None:
                 progress.advance(task, len(idx))
             yield b, [(i, a.get("text")) for i, a in zip(idx, answers)]
-
-    def generate(self, conversations: list[list[dict]], **kw) -> list[str | None]:
-        out: list[str | None] = [None] * len(conversations)
-        for _, items in self.iter(conversations, **kw):
-            for i, text in items:
-                out[i] = text
-        return out
 
 
 def _request_seed(seed: int, index: int) -> int:
