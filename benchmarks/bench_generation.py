@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
           f"{load}; {args.prompts} prompts x 3 steps x {args.max_new_tokens} new tokens; token budget "
           f"{args.token_budget}")
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print("warning: other processes are using the CPUs; torch's worker threads stall behind them (batched "
+              "ops far more than one-prompt ops), so these timings are unreliable; rerun on an idle machine")
     base_s = eng_s = float("inf")
     started = time.perf_counter()
     runs = 0

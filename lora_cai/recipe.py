@@ -273,7 +273,7 @@ class Run:
         cfg, rd = self.cfg, self.store.round_dir(k)
         summary: dict = {"prompts": len(self.prompts.records), "dropped_empty_prompts": self.prompts.dropped_empty,
                          "dropped_duplicate_prompts": self.prompts.dropped_duplicate}
-        t0 = time.time()
+        t0, worked = time.time(), False  # a rerun that only skips keeps the recorded time: the manifest stays put
 
         # 1. initial responses
         resp_inputs = content_hash({"model": cfg.model.model_dump(), "stack": stack_hash, "prompts": self.prompts_hash,
@@ -281,6 +281,7 @@ class Run:
         stage = JsonlStage(rd / "responses.jsonl", resp_inputs)
         gstats = GenerationStats()
         if not stage.complete:
+            worked = True
             recs = self.prompts.records
             g = cfg.generation
             with make_progress(console=self.console) as progress:
@@ -305,6 +306,7 @@ class Run:
             items = [{"id": i, "prompt": r["prompt"], "response": r["response"]} for i, r in current.items()]
             st = JsonlStage(rd / f"critique-{s}.jsonl", critique.step_inputs_hash(cfg, self.constitution, upstream, s))
             if not st.complete and items:
+                worked = True
                 with make_progress(console=self.console) as progress:
                     critique.run_critique_step(self.generator(k, stack_paths), self.constitution, items, s, st,
                                                cfg=cfg, seed=cfg.seed + k, progress=progress, stats=lstats)
@@ -339,6 +341,7 @@ class Run:
         done = rd / "train.json"
         if not (done.exists() and read_json(done).get("inputs") == train_inputs
                 and (adapter / "adapter_model.safetensors").exists()):
+            worked = True
             ckpt = rd / "checkpoints"
             if (ckpt / "inputs.json").exists() and read_json(ckpt / "inputs.json").get("inputs") != train_inputs:
                 shutil.rmtree(ckpt)  # checkpoints of other inputs: stale
@@ -375,6 +378,7 @@ class Run:
         ev_inputs = content_hash({"adapter": file_hash(adapter / "adapter_model.safetensors"), "stack": stack_hash,
                                   "sets": self.eval_sets})
         if self.eval_sets and not (ev_path.exists() and read_json(ev_path).get("inputs") == ev_inputs):
+            worked = True
             if self.model is None:
                 self.ensure_model(k, stack_paths)
                 self.model.load_adapter(str(adapter), adapter_name="trained", is_trainable=False)
@@ -385,7 +389,8 @@ class Run:
             ev = read_json(ev_path)
             summary["eval"] = {k2: ev[k2] for k2 in ("harmful_compliance", "over_refusal", "n_harmful", "n_benign",
                                                      "detector")}
-        summary["seconds"] = round(time.time() - t0, 1)
+        before = ((self.store.read_manifest() or {}).get("rounds") or {}).get(str(k), {})
+        summary["seconds"] = round(time.time() - t0, 1) if worked or "seconds" not in before else before["seconds"]
         return summary
 
     # ---------------------------------------------------------------- output
