@@ -93,7 +93,7 @@ def load_base(model_cfg, backend: str):
     return model, _prepare_tokenizer(tokenizer)
 
 
-def lora_config(lora, seed: int = 0):
+def lora_config(lora):
     from peft import LoraConfig
 
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -142,7 +142,7 @@ def build_policy(model_cfg, lora, stack: list[Path], backend: str, seed: int):
     round's starting policy.
     """
     model, tokenizer = load_base(model_cfg, backend)
-    cfg = lora_config(lora, seed)
+    cfg = lora_config(lora)
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -214,10 +214,8 @@ def for_training(model, backend: str):
     return model
 
 
-def free(*objs) -> None:
-    """Drop references and return memory to the allocator (a round ends, a teacher leaves)."""
-    for o in objs:
-        del o
+def free() -> None:
+    """Return the memory of models the caller has dropped to the allocator (a round ends, a teacher leaves)."""
     gc.collect()
     try:
         import torch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +44,8 @@ def two_rounds(tiny_model, tmp_path_factory):
     dpo1, ref1 = training.train_dpo(model, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-2, epochs=4),
                                     tmp / "d1", seed=0, frozen=frozen)
     models.save_adapter(model, tmp / "adapter-1")
-    models.free(model)
+    del model
+    models.free()
 
     model2, tok, frozen2 = build(tiny_model, [tmp / "adapter-1"])
     models.for_inference(model2, "transformers")
