@@ -21,6 +21,16 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny(tiny_model):
+    """The tiny model loaded plainly (fp32, eval mode) with its tokenizer, shared by every test that needs one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    return model, tokenizer
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run `python -m lora_cai.recipe ARGS` as a user would, capturing its output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120")

@@ -44,15 +44,6 @@ def _posts(server) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def expected(tiny) -> list[str]:
     """Greedy answers from the engine, run locally on the same model for the same rendered prompts."""
     model, tokenizer = tiny

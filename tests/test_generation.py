@@ -10,7 +10,6 @@ import pytest
 from lora_cai.errors import UserError
 from lora_cai.generation import (GenerationStats, clean_revision, copies_demonstration, generate, iter_generate,
                                  make_progress, plan_batches, render_chat)
-from lora_cai.tiny import build_tiny_model
 
 QUESTIONS = [
     "How do I bake bread at home?",
@@ -22,24 +21,6 @@ QUESTIONS = [
     "Which response is more helpful, honest and harmless?",
     "Tell me about water.",
 ]
-
-
-@pytest.fixture(scope="session")
-def tiny_path(request, tmp_path_factory):
-    """The shared session model from conftest when there is one, else built here."""
-    try:
-        return request.getfixturevalue("tiny_model")
-    except pytest.FixtureLookupError:
-        return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
-    model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
-    return model, tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -259,7 +240,7 @@ GEMMA_LIKE = (
 )
 
 
-def test_render_chat_folds_system_into_user_when_template_has_no_system_role(tiny, tiny_path):
+def test_render_chat_folds_system_into_user_when_template_has_no_system_role(tiny, tiny_model):
     from transformers import AutoTokenizer
 
     _, chatml = tiny
@@ -267,7 +248,7 @@ def test_render_chat_folds_system_into_user_when_template_has_no_system_role(tin
     rendered = render_chat(chatml, messages)
     assert "<|im_start|>system\nBe kind.<|im_end|>" in rendered and rendered.endswith("<|im_start|>assistant\n")
 
-    gemma = AutoTokenizer.from_pretrained(tiny_path)
+    gemma = AutoTokenizer.from_pretrained(tiny_model)
     gemma.chat_template = GEMMA_LIKE
     folded = render_chat(gemma, messages)
     assert "system" not in folded
