@@ -84,11 +84,71 @@ class GenerationConfig(Section):
 
 
 class CritiqueConfig(Section):
-    steps: int = Field(2, ge=1, description="Critique -> revision steps per prompt (K); stops early when the "
-                                             "critique finds nothing to change.")
+    steps: int = Field(2, ge=0, description="Critique -> revision steps per prompt (K); stops early when the "
+                                             "critique finds nothing to change. 0 skips critique (RLAIF only: "
+                                             "needs `pairs.builder: best_of_n`; SFT then trains on the chosen "
+                                             "responses).")
     demonstrations: int = Field(2, ge=0, description="Few-shot demonstrations prepended to critique and "
                                                      "revision requests.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature for critiques and revisions.")
+
+
+class JudgeConfig(Section):
+    kind: Literal["self", "teacher", "api", "rule"] = Field(
+        "self", description="Who judges pairs: `self` (the round's starting policy), `teacher` (a local model "
+                            "in 4-bit, `judge.model`), `api` (an OpenAI-compatible server, `judge.base_url`) or "
+                            "`rule` (regex rules from `judge.rules`). Model judges score the option tokens' "
+                            "log-probabilities in both orders; no text is generated.")
+    model: str | None = Field(None, description="The teacher: a Hub id, local directory, .gguf or `pip:` name "
+                                                "(`teacher`), or the model name on the server (`api`).")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint for `kind: api` (and `critic: api`), "
+                                                   "e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key "
+                                                      "(the key itself is never written anywhere).")
+    load_in_4bit: bool = Field(True, description="Load a local teacher in 4-bit NF4.")
+    rules: str | None = Field(None, description="YAML file of regex rules for `kind: rule`: a list of "
+                                                "{name, pattern, kind: forbid|require}.")
+    chain_of_thought: bool = Field(False, description="Generate a rationale before scoring; the label is then "
+                                                      "clamped to [0.4, 0.6] as in the CAI paper.")
+    cot_max_new_tokens: int = Field(128, gt=0, description="Tokens per chain-of-thought rationale.")
+    confidence: float = Field(0.7, ge=0.5, le=1.0, description="Keep a judged pair only when the judge prefers "
+                                                               "one side with at least this probability "
+                                                               "(averaged over both orders).")
+    top_logprobs: int = Field(20, ge=1, description="Alternatives per token asked from an API judge (OpenAI "
+                                                    "allows at most 20); option tokens outside them are bounded "
+                                                    "by the smallest one returned.")
+    concurrency: int = Field(8, gt=0, description="Requests in flight at once to the judge's server.")
+    timeout: float = Field(120.0, gt=0, description="Seconds before a request to the judge's server is retried.")
+    cross_check_self: bool = Field(False, description="With a teacher or API judge, also judge every comparison "
+                                                      "with the policy itself and report their agreement.")
+
+
+class PairsConfig(Section):
+    builder: Literal["revision", "best_of_n", "mix"] = Field(
+        "revision", description="Preference pairs: `revision` (final revision vs initial response), `best_of_n` "
+                                "(best vs worst of `n_samples` responses, judged pairwise) or `mix` (both).")
+    n_samples: int = Field(4, ge=2, description="Responses sampled per prompt for `best_of_n` (the initial "
+                                                "response is one of them).")
+    judge_revisions: bool = Field(False, description="Also judge revision pairs (soft label, confidence filter) "
+                                                     "instead of labelling every revision the winner.")
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(96, gt=0, description="Tokens per held-out answer.")
+    win_rate: bool = Field(True, description="Judge each round's held-out answers against the previous "
+                                             "round's, in both orders.")
+    capability: str = Field("builtin:capability", description="Multiple-choice capability set for the "
+                                                              "alignment-tax probe (log-likelihood accuracy); "
+                                                              "empty to skip.")
+    capability_limit: int = Field(40, ge=0, description="Capability questions per probe (0 = skip).")
+    critic_check: bool = Field(True, description="Before round 1, test the critic on canary prompts (clearly "
+                                                 "harmful, clearly benign) and warn when it cannot tell them apart.")
+    early_stop_drop: float | None = Field(0.05, ge=0, description="Stop when a round's quality score (mean of "
+                                                                  "1 - harmful compliance, 1 - over-refusal and, "
+                                                                  "with a rule judge, 1 - violation rate) drops "
+                                                                  "more than this fraction below the previous "
+                                                                  "round's; that round's adapter is kept but not "
+                                                                  "stacked. null disables.")
 
 
 class LoraSettings(Section):
@@ -120,6 +180,10 @@ class DPOSettings(_TrainSettings):
     epochs: float = Field(1.0, gt=0, description="Passes over the preference pairs.")
     batch_size: int = Field(2, gt=0, description="Pairs per device step.")
     max_length: int = Field(1024, gt=0, description="Truncate prompt + completion to this many tokens.")
+    soft_labels: Literal["off", "weight", "target"] = Field(
+        "off", description="Use each pair's judged probability p: `weight` scales its loss by 2p - 1 (its "
+                           "confidence), `target` uses p as the pair's own label (conservative DPO per pair, "
+                           "label smoothing 1 - p); `off` treats every kept pair as certain.")
 
 
 class RecipeConfig(Section):
@@ -133,13 +197,40 @@ class RecipeConfig(Section):
                                                    "(`--dry-run` prints the plan).")
     output_dir: str | None = Field(None, description="Run directory (default: runs/<name>).")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    critic: Literal["self", "teacher", "api"] = Field(
+        "self", description="Who writes critiques and revisions: the policy (`self`), the local teacher "
+                            "(`teacher`, needs `judge.kind: teacher`) or the judge's server (`api`, needs "
+                            "`judge.kind: api`). The policy always writes the initial responses.")
     critique: CritiqueConfig = Field(default_factory=CritiqueConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     sft: SFTSettings = Field(default_factory=SFTSettings)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=list, description="Loggers that also receive the training metrics (TRL's `report_to`), "
+                                          "e.g. [tensorboard]; their files go under DIR/logs.")
 
     # Where the recipe came from, so relative paths in it resolve against its folder.
     source: str | None = Field(None, exclude=True, description="(set by the loader) the recipe file.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        j = self.judge
+        if j.kind == "teacher" and not j.model:
+            raise ValueError("judge.kind 'teacher' needs judge.model (a Hub id or local directory of the teacher)")
+        if j.kind == "api" and not (j.base_url and j.model):
+            raise ValueError("judge.kind 'api' needs judge.base_url and judge.model (the model name on the server)")
+        if j.kind == "rule" and not j.rules:
+            raise ValueError("judge.kind 'rule' needs judge.rules (a YAML file of regex rules)")
+        if self.critic == "teacher" and j.kind != "teacher":
+            raise ValueError("critic 'teacher' uses the local teacher: set judge.kind: teacher and judge.model")
+        if self.critic == "api" and j.kind != "api":
+            raise ValueError("critic 'api' uses the judge's server: set judge.kind: api, judge.base_url and judge.model")
+        if self.critique.steps == 0 and self.pairs.builder != "best_of_n":
+            raise ValueError("critique.steps 0 leaves no revisions: set pairs.builder: best_of_n")
+        return self
 
     @model_validator(mode="after")
     def _default_output_dir(self):
@@ -169,8 +260,10 @@ def _set_key(data: dict, dotted: str, value: Any, where: str) -> None:
 
 
 def _format_error(source: str, err: dict) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
+    if not key:  # a cross-key rule (model validator): its message names the keys
+        return f"{source}: {err['msg'].removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
         return f"{source}: unknown key '{key}' (check its spelling; `python -m lora_cai.recipe --help-keys` lists all keys)"
     if kind == "missing":
