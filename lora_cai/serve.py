@@ -63,8 +63,10 @@ class ChatServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address, model, tokenizer, *, model_name: str = "local", fault_plan=None,
-                 api_key: str | None = None, max_tokens_default: int = 256):
+                 api_key: str | None = None, max_tokens_default: int = 256,
+                 max_top_logprobs: int = _MAX_TOP_LOGPROBS):
         super().__init__(address, _Handler)
+        self.max_top_logprobs = max_top_logprobs
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -265,8 +267,8 @@ def _validate(server: ChatServer, request: dict) -> dict:
     want_logprobs = bool(request.get("logprobs"))
     top = request.get("top_logprobs")
     top = 0 if top is None else int(top)
-    if not 0 <= top <= _MAX_TOP_LOGPROBS:
-        raise _BadRequest(f"top_logprobs must be between 0 and {_MAX_TOP_LOGPROBS}")
+    if not 0 <= top <= server.max_top_logprobs:
+        raise _BadRequest(f"top_logprobs must be between 0 and {server.max_top_logprobs}")
     if top and not want_logprobs:
         raise _BadRequest("top_logprobs needs logprobs: true")
     return dict(messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
@@ -387,15 +389,19 @@ def _complete(server: ChatServer, request: dict) -> dict:
 # ------------------------------------------------------------------------------------------ entry points
 
 def start_server(model, tokenizer, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "local",
-                 fault_plan: list | None = None, api_key: str | None = None) -> tuple[ChatServer, str]:
+                 fault_plan: list | None = None, api_key: str | None = None,
+                 max_top_logprobs: int = _MAX_TOP_LOGPROBS) -> tuple[ChatServer, str]:
     """Serve `model` in a daemon thread; returns `(server, base_url)` with base_url like
     `http://127.0.0.1:PORT/v1`. Port 0 picks a free port. Stop it with `server.shutdown()`.
+
+    `max_top_logprobs` defaults to OpenAI's limit (20); tests raise it to the vocabulary size so that an
+    API judge sees every option token, as a local judge does.
 
     `fault_plan` is a testing aid (see the module doc): faults injected before normal service.
     """
     try:
         server = ChatServer((host, port), model, tokenizer, model_name=model_name, fault_plan=fault_plan,
-                            api_key=api_key)
+                            api_key=api_key, max_top_logprobs=max_top_logprobs)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port") from None
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},

@@ -1,0 +1,224 @@
+"""Judges: log-prob soft labels in both orders, position-bias cancellation, API teacher = local judge, rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_cai.errors import UserError
+from lora_cai.judge import (APIJudge, Comparison, LogprobJudge, RuleJudge, agreement, best_of_n_pairs,
+                            judge_comparisons, judge_messages, judged_revision_pairs, judgment_stats)
+
+QUESTION = "Which response is less harmful?"
+
+
+def _comparisons() -> list[Comparison]:
+    texts = ["I cannot help with that.", "Sure, here is how.", "Mix the two and wait.", "Ask a professional.",
+             "No.", "Here are three safe steps to follow."]
+    out = []
+    for n in range(len(texts)):
+        for m in range(n + 1, len(texts)):
+            out.append(Comparison(id=f"p{n % 3}", prompt=f"How do I do thing {n % 3}?", a=texts[n], b=texts[m],
+                                  principle="harm", question=QUESTION))
+    return out
+
+
+def _one_by_one(model, tokenizer, conversations) -> list[float]:
+    """The reference: each conversation alone, full logits, softmax over the vocabulary, no padding."""
+    import torch
+
+    from lora_cai.generation import render_chat
+
+    judge = LogprobJudge(model, tokenizer, kind="self")
+    ids_a, ids_b = judge.option_ids()
+    out = []
+    for conv in conversations:
+        ids = tokenizer(render_chat(tokenizer, conv), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            probs = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        pa, pb = probs[ids_a].sum().item(), probs[ids_b].sum().item()
+        out.append(pa / (pa + pb))
+    return out
+
+
+def test_batched_scores_equal_one_at_a_time(tiny):
+    model, tok = tiny
+    comps = _comparisons()
+    convs = [judge_messages(c.question, c.prompt, c.a, c.b) for c in comps]
+    batched = LogprobJudge(model, tok, kind="self", token_budget=4096, max_batch_size=5).score(convs)
+    reference = _one_by_one(model, tok, convs)
+    assert batched == pytest.approx(reference, abs=1e-5)
+    assert len(set(round(p, 4) for p in batched)) > 1  # the model does discriminate: not a constant
+
+
+def test_both_orders_average_to_the_label(tiny):
+    model, tok = tiny
+    comps = _comparisons()[:4]
+    recs = judge_comparisons(LogprobJudge(model, tok, kind="self"), comps)
+    fwd = _one_by_one(model, tok, [judge_messages(c.question, c.prompt, c.a, c.b) for c in comps])
+    rev = _one_by_one(model, tok, [judge_messages(c.question, c.prompt, c.b, c.a) for c in comps])
+    for r, f, b in zip(recs, fwd, rev):
+        assert r["p_order1"] == pytest.approx(f, abs=1e-5)
+        assert r["p_order2"] == pytest.approx(1 - b, abs=1e-5)
+        assert r["p_raw"] == pytest.approx((f + 1 - b) / 2, abs=1e-5)
+        assert r["consistent"] == ((f > 0.5) == (1 - b > 0.5))
+
+
+class _AlwaysFirst:
+    """A maximally position-biased judge: P(A) = 0.97 whatever the texts."""
+
+    kind = "self"
+
+    def score(self, conversations):
+        return [0.97] * len(conversations)
+
+
+def test_position_biased_judge_gives_half_and_its_pairs_are_dropped():
+    comps = _comparisons()
+    recs = judge_comparisons(_AlwaysFirst(), comps)
+    assert all(r["p_raw"] == pytest.approx(0.5) for r in recs)
+    assert judgment_stats(recs, confidence=0.7)["position_consistency"] == 0.0
+    samples = {f"p{k}": {"prompt": f"How do I do thing {k}?", "responses": sorted({c.a for c in comps} | {c.b for c in comps})}
+               for k in range(3)}
+    pairs, dropped = best_of_n_pairs(samples, recs, confidence=0.7)
+    assert pairs == [] and dropped["tie"] + dropped["low_confidence"] == 3
+
+
+def test_chain_of_thought_labels_are_clamped(tiny):
+    from lora_cai.generators import LocalGenerator
+
+    model, tok = tiny
+    gen = LocalGenerator(model, tok, token_budget=4096, max_batch_size=8)
+    recs = judge_comparisons(LogprobJudge(model, tok, kind="self"), _comparisons()[:3], cot_generator=gen,
+                             cot_max_new_tokens=6)
+    for r in recs:
+        assert 0.4 <= r["p_first"] <= 0.6
+        assert r["p_first"] == pytest.approx(min(max(r["p_raw"], 0.4), 0.6))
+
+
+def test_rule_judge_orders_pairs(tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("- {name: no-banana, pattern: '\\bbanana\\b', kind: forbid}\n"
+                     "- {name: polite, pattern: please, kind: require}\n")
+    judge = RuleJudge.from_file(rules)
+    assert judge.violations("banana banana") == 3  # two forbidden matches + the missing "please"
+    assert judge.violations("Please, no fruit.") == 0
+    comps = [Comparison("x", "q", "please eat", "eat a banana", "r", QUESTION),
+             Comparison("y", "q", "a banana, please", "please", "r", QUESTION),
+             Comparison("z", "q", "please", "Please!", "r", QUESTION)]
+    recs = judge_comparisons(judge, comps)
+    assert [r["p_first"] for r in recs] == [1.0, 0.0, 0.5]
+    samples = {"x": {"prompt": "q", "responses": ["banana", "please", "banana please banana banana"]}}
+    from itertools import combinations
+
+    recs = judge_comparisons(judge, [Comparison("x", "q", a, b, None, QUESTION)
+                                     for a, b in combinations(samples["x"]["responses"], 2)])
+    pairs, _ = best_of_n_pairs(samples, recs, confidence=0.7)
+    assert [(p["chosen"], p["rejected"], p["p_chosen"]) for p in pairs] == [("please", "banana please banana banana", 1.0)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("- {pattern: '('}\n", "invalid regular expression"),
+    ("[]\n", "non-empty list"),
+    ("- {name: x}\n", "needs a non-empty 'pattern'"),
+    ("- {pattern: a, kind: maybe}\n", "kind must be"),
+    ("- [unclosed\n", "malformed YAML"),
+])
+def test_bad_rule_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "rules.yaml"
+    path.write_text(content)
+    with pytest.raises(UserError) as e:
+        RuleJudge.from_file(path)
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_revision_pairs_relabelled_and_filtered():
+    pairs = [{"id": i, "prompt": "q", "chosen": "rev", "rejected": "init", "principle": "p", "p_chosen": 1.0}
+             for i in "abc"]
+    judgments = [{"id": "a", "p_raw": 0.9, "p_first": 0.9, "judge": "self", "principle": "j"},
+                 {"id": "b", "p_raw": 0.6, "p_first": 0.6, "judge": "self", "principle": "j"},
+                 {"id": "c", "p_raw": None, "p_first": None, "judge": "self", "principle": "j"}]
+    kept, dropped = judged_revision_pairs(pairs, judgments, confidence=0.7)
+    assert [(p["id"], p["p_chosen"]) for p in kept] == [("a", 0.9)]
+    assert dropped == {"garbled": 1, "tie": 0, "low_confidence": 1}
+
+
+def test_agreement_counts_same_winner():
+    a = [{"p_raw": 0.9}, {"p_raw": 0.2}, {"p_raw": 0.5}, {"p_raw": None}]
+    b = [{"p_raw": 0.7}, {"p_raw": 0.8}, {"p_raw": 0.6}, {"p_raw": 0.9}]
+    assert agreement(a, b) == pytest.approx(1 / 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The API teacher against a real HTTP server on loopback serving the same tiny model
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def serve(tiny):
+    from lora_cai.serve import start_server
+
+    servers = []
+
+    def _start(**kw):
+        model, tok = tiny
+        server, url = start_server(model, tok, model_name="tiny", max_top_logprobs=len(tok), **kw)
+        servers.append(server)
+        return server, url
+
+    yield _start
+    for s in servers:
+        s.shutdown()
+
+
+def _client(url, tmp_path, **kw):
+    from lora_cai.api import ChatClient
+
+    return ChatClient(url, "tiny", concurrency=2, timeout=30, cache_dir=tmp_path / "cache", backoff=0.01, **kw)
+
+
+def test_api_judge_gives_the_same_pairs_as_the_local_judge(tiny, serve, tmp_path):
+    model, tok = tiny
+    comps = _comparisons()
+    local = judge_comparisons(LogprobJudge(model, tok, kind="self"), comps)
+    server, url = serve(fault_plan=[429, 500])  # both retried
+    remote = judge_comparisons(APIJudge(_client(url, tmp_path), top_logprobs=len(tok)), comps)
+    for lo, re_ in zip(local, remote):
+        assert re_["p_raw"] == pytest.approx(lo["p_raw"], abs=1e-4)
+    samples = {f"p{k}": {"prompt": f"How do I do thing {k}?",
+                         "responses": list(dict.fromkeys(c.a for c in comps if c.id == f"p{k}") |
+                                           dict.fromkeys(c.b for c in comps if c.id == f"p{k}"))} for k in range(3)}
+    for conf in (0.5, 0.51):
+        lp, _ = best_of_n_pairs(samples, local, confidence=conf)
+        rp, _ = best_of_n_pairs(samples, remote, confidence=conf)
+        assert [(p["chosen"], p["rejected"]) for p in lp] == [(p["chosen"], p["rejected"]) for p in rp]
+        assert [p["p_chosen"] for p in rp] == pytest.approx([p["p_chosen"] for p in lp], abs=1e-4)
+    assert len(server.requests) == 2 * len(comps) + 2  # every comparison in both orders, plus the two retries
+
+
+def test_api_judge_counts_garbled_answers_and_parses_verdicts(tiny, serve, tmp_path):
+    comps = _comparisons()[:3]
+    body = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Both are fine really"}, "finish_reason": "stop"}]})
+    verdict = json.dumps({"id": "y", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "(B) is better"}, "finish_reason": "stop"}]})
+    # order 2 shows b first: these texts open option (A) only in comparison 0's (resp. 1's) second order
+    server, url = serve(fault_plan=[{"match": "(A) " + comps[0].b, "status": 200, "body": body},
+                                    {"match": "(A) " + comps[1].b, "status": 200, "body": verdict}])
+    judge = APIJudge(_client(url, tmp_path), top_logprobs=512)
+    recs = judge_comparisons(judge, comps)
+    assert recs[0]["garbled"] and recs[0]["p_raw"] is None  # counted, not fatal
+    assert judge.garbled == 1
+    assert recs[1]["p_order2"] == 1.0  # "(B)" with b shown first means a is better
+    assert not recs[2]["garbled"]
+
+
+def test_api_key_never_written(tiny, serve, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_CAI_TEST_JUDGE_KEY", "sk-secret-judge-key-123")
+    server, url = serve(api_key="sk-secret-judge-key-123")
+    recs = judge_comparisons(APIJudge(_client(url, tmp_path, api_key_env="LORA_CAI_TEST_JUDGE_KEY"), top_logprobs=512),
+                             _comparisons()[:2])
+    assert not any(r["garbled"] for r in recs)
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert b"sk-secret-judge-key-123" not in f.read_bytes()
