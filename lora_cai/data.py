@@ -30,8 +30,13 @@ class PromptSet:
         return [r["prompt"] for r in self.records]
 
 
+# Files in prompts/ that are not prompt sets: the evaluation reads them (lora_cai/evaluation.py).
+NOT_PROMPT_SETS = {"capability": "the multiple-choice set of the capability probe (eval.capability)",
+                   "canary": "the critic check's canary prompts and answers"}
+
+
 def builtin_sets() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl"))
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl") if p.stem not in NOT_PROMPT_SETS)
 
 
 # Sources ending like these are local files (read, or reported missing/unsupported right away), never Hub
@@ -44,6 +49,9 @@ def _read_rows(source: str, where: str, split: str) -> list[dict]:
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         path = BUILTIN_DIR / f"{name}.jsonl"
+        if name in NOT_PROMPT_SETS:
+            raise UserError(f"{where}: builtin:{name} is {NOT_PROMPT_SETS[name]}, not a prompt set "
+                            f"(prompt sets: {', '.join('builtin:' + n for n in builtin_sets())})")
         if not path.is_file():
             raise UserError(f"{where}: unknown built-in prompt set '{name}' (available: {', '.join(builtin_sets())})")
         return _read_file(path, where)
