@@ -106,7 +106,7 @@ KNOWN: dict[str, dict] = {
 
 def load_model_config(name: str) -> dict:
     """config.json of a local model directory (or the file itself), or a KNOWN entry by name."""
-    key = name.lower().rsplit("/", 1)[-1].removesuffix("-instruct")
+    key = name.lower().rsplit("/", 1)[-1].removesuffix("-instruct").removeprefix("meta-")
     if key in KNOWN:
         return dict(KNOWN[key])
     p = Path(name).expanduser()

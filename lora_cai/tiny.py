@@ -71,3 +71,12 @@ def build_tiny_model(path: str | Path, *, vocab_size: int = 512, hidden_size: in
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+if __name__ == "__main__":  # python -m lora_cai.tiny DIR: build the tiny model where a recipe can point at it
+    import sys
+
+    if len(sys.argv) != 2:
+        print("usage: python -m lora_cai.tiny DIR", file=sys.stderr)
+        sys.exit(2)
+    print(build_tiny_model(sys.argv[1]))

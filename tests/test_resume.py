@@ -17,7 +17,8 @@ from conftest import write_recipe
 # small batches so each stage has several commits and checkpoints to be killed between
 SETTINGS = ["--set", "rounds=1", "--set", "data.eval_limit=0", "--set", "generation.max_batch_size=2",
             "--set", "sft.batch_size=1", "--set", "sft.save_steps=2", "--set", "dpo.batch_size=1",
-            "--set", "dpo.save_steps=2"]
+            "--set", "dpo.save_steps=2", "--set", "pairs.builder=mix", "--set", "pairs.n_samples=3",
+            "--set", "eval.critic_check=false"]
 
 
 def cli(recipe: Path) -> list[str]:
@@ -55,7 +56,7 @@ def artifacts(run: Path) -> dict[str, object]:
 
     out: dict[str, object] = {}
     rd = run / "round-1"
-    for name in ("responses.jsonl", "critique-1.jsonl", "critique-2.jsonl", "trajectories.jsonl", "sft.jsonl",
+    for name in ("responses.jsonl", "samples.jsonl", "judgments.jsonl", "critique-1.jsonl", "critique-2.jsonl", "trajectories.jsonl", "sft.jsonl",
                  "pairs.jsonl", "ref_logps.jsonl"):
         out[name] = (rd / name).read_text()
     out["adapter"] = {k: v.tolist() for k, v in load_file(str(rd / "adapter" / "adapter_model.safetensors")).items()}
@@ -68,6 +69,7 @@ def artifacts(run: Path) -> dict[str, object]:
     m = json.loads((run / "manifest.json").read_text())
     for r in m["rounds"].values():
         r.pop("seconds")
+        r.pop("peak_memory_gb")  # memory differs from process to process; what was computed must not
     out["manifest"] = m
     return out
 
@@ -82,19 +84,22 @@ def reference(tiny_model, tmp_path_factory):
 KILL_POINTS = {
     "generation": lambda rd: committed_batches(rd / "responses.jsonl.meta.json") >= 1,
     "critique": lambda rd: committed_batches(rd / "critique-1.jsonl.meta.json") >= 1,
+    "judging": lambda rd: committed_batches(rd / "judgments.jsonl.meta.json") >= 1,
     "sft": lambda rd: any((rd / "checkpoints" / "sft").glob("checkpoint-*/trainer_state.json")),
     "dpo": lambda rd: any((rd / "checkpoints" / "dpo").glob("checkpoint-*/trainer_state.json")),
 }
 
 
 @pytest.mark.parametrize("point", [
-    "generation", "sft", pytest.param("critique", marks=pytest.mark.slow), pytest.param("dpo", marks=pytest.mark.slow)])
+    "generation", "sft", "judging", pytest.param("critique", marks=pytest.mark.slow),
+    pytest.param("dpo", marks=pytest.mark.slow)])
 def test_killed_run_resumes_to_identical_artifacts(point, reference, tiny_model, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
     rd = tmp_path / "run" / "round-1"
     kill_when(recipe, lambda: KILL_POINTS[point](rd))
     assert not (rd / "train.json").exists()  # really cut off before the round finished
     committed = json.loads((rd / "responses.jsonl.meta.json").read_text()) if point == "generation" else None
+    judged = json.loads((rd / "judgments.jsonl.meta.json").read_text()) if point == "judging" else None
     run_to_end(recipe)
     got = artifacts(tmp_path / "run")
     for key in reference:
@@ -105,6 +110,11 @@ def test_killed_run_resumes_to_identical_artifacts(point, reference, tiny_model,
         done = json.loads((rd / "responses.jsonl.meta.json").read_text())
         assert done["summary"]["generation"]["requested"] == 6 - committed["count"]
         assert committed["count"] >= 2
+    if judged is not None:
+        assert not judged.get("complete"), "killed after the judging stage had finished"
+        # the resumed stage appended exactly the batches that were not committed before the kill
+        done = json.loads((rd / "judgments.jsonl.meta.json").read_text())
+        assert set(done["batches"]) >= set(judged["batches"]) and len(done["batches"]) > len(judged["batches"])
 
 
 def test_restart_from_reruns_that_stage_and_later_and_keeps_the_old_files(reference, tiny_model, tmp_path):

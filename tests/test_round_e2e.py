@@ -15,7 +15,7 @@ ROUND_FILES = [
     "dpo_log.jsonl", "eval.json", "pairs.jsonl", "ref_logps.jsonl", "responses.jsonl", "responses.jsonl.meta.json",
     "sft.jsonl", "sft_log.jsonl", "train.json", "trajectories.jsonl",
 ]
-EXPECTED_TREE = sorted(["baseline-eval.json", "manifest.json"]
+EXPECTED_TREE = sorted(["baseline-eval.json", "critic-check.json", "manifest.json"]
                        + [f"round-{k}/{f}" for k in (1, 2) for f in ROUND_FILES])
 
 
