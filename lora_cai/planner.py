@@ -329,3 +329,13 @@ def format_plan(estimates: list[StageEstimate]) -> str:
     widths = [max(len(c), *(len(r[k]) for r in rows)) if rows else len(c) for k, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([line(cols)] + [line(r) for r in rows]) + "\n(GB = GiB; estimates, not measurements)"
+
+
+def fit_training_settings(cfg, settings, stage: str, model_config: dict):
+    """`settings` (cfg.sft or cfg.dpo) with the planner's batch size and gradient accumulation for `stage`
+    when the recipe's batch does not fit `cfg.vram_gb`; the effective batch (batch x accumulation) is kept.
+    Returned unchanged when it fits."""
+    est = next(e for e in plan_recipe(cfg, cfg.vram_gb, model_config=model_config) if e.stage == stage)
+    if est.batch_size >= settings.batch_size:
+        return settings
+    return settings.model_copy(update={"batch_size": est.batch_size, "grad_accum": est.grad_accum})

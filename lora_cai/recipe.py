@@ -707,10 +707,11 @@ class Run:
 
         cfg, rd = self.cfg, self.store.round_dir(k)
         sft, pairs = read_jsonl(rd / "sft.jsonl"), read_jsonl(rd / "pairs.jsonl")
+        sft_cfg, dpo_cfg = self.planned(cfg.sft, "sft"), self.planned(cfg.dpo, "dpo")
         adapter = rd / "adapter"
         train_inputs = content_hash({"sft": file_hash(rd / "sft.jsonl"), "pairs": file_hash(rd / "pairs.jsonl"),
-                                     "stack": stack_hash, "lora": cfg.lora.model_dump(), "sft_cfg": cfg.sft.model_dump(),
-                                     "dpo_cfg": cfg.dpo.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.seed})
+                                     "stack": stack_hash, "lora": cfg.lora.model_dump(), "sft_cfg": sft_cfg.model_dump(),
+                                     "dpo_cfg": dpo_cfg.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.seed})
         done = rd / "train.json"
         if not (done.exists() and read_json(done).get("inputs") == train_inputs
                 and (adapter / "adapter_model.safetensors").exists()):
@@ -728,14 +729,14 @@ class Run:
                     models.load_trainable_weights(self.model, sft_done, self.frozen)
                     sft_log = read_jsonl(ckpt / "sft_log.jsonl")
                 else:
-                    sft_log = training.train_sft(self.model, self.tokenizer, sft, cfg.sft, ckpt / "sft",
+                    sft_log = training.train_sft(self.model, self.tokenizer, sft, sft_cfg, ckpt / "sft",
                                                  seed=cfg.seed + k, frozen=self.frozen, console=self.console,
                                                  desc=f"round {k} SFT", **log_kw)
                     training.write_log(ckpt / "sft_log.jsonl", sft_log)
                     models.save_adapter(self.model, sft_done)
                 dpo_log, ref = [], []
                 if pairs:
-                    dpo_log, ref = training.train_dpo(self.model, self.tokenizer, pairs, cfg.dpo,
+                    dpo_log, ref = training.train_dpo(self.model, self.tokenizer, pairs, dpo_cfg,
                                                       ckpt / "dpo", seed=cfg.seed + k, frozen=self.frozen,
                                                       console=self.console, desc=f"round {k} DPO", **log_kw)
             write_jsonl_atomic(rd / "ref_logps.jsonl", ref)
@@ -748,6 +749,28 @@ class Run:
         shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # the adapter and train.json are committed
         summary["sft"], summary["dpo"] = tr["sft"], tr["dpo"]
         return adapter
+
+    def planned(self, settings, stage: str):
+        """On a GPU, the recipe's batch for `stage` shrunk (accumulation raised) to fit vram_gb by the planner."""
+        import torch
+
+        from .offline_models import resolve_model_path
+        from .planner import fit_training_settings, load_model_config
+
+        if not torch.cuda.is_available():
+            return settings  # no VRAM budget to fit on a CPU
+        name = self.cfg.model.name
+        try:
+            if name.startswith("pip:") or name.endswith(".gguf"):
+                name = resolve_model_path(name)
+            fitted = fit_training_settings(self.cfg, settings, stage, load_model_config(name))
+        except UserError as e:
+            self.console.log(f"planner: {e}; keeping the recipe's {stage} batch")
+            return settings
+        if fitted is not settings:
+            self.console.log(f"planner: {stage} batch {settings.batch_size} x accumulation {settings.grad_accum} -> "
+                             f"{fitted.batch_size} x {fitted.grad_accum} to fit vram_gb={self.cfg.vram_gb:g}")
+        return fitted
 
     def stage_eval(self, k, stack_paths, stack_hash, adapter, summary) -> None:
         """The round's policy (base + adapters 1..k) on the held-out sets, against the previous round's answers."""

@@ -49,6 +49,21 @@ def test_plan_picks_smaller_batches_for_smaller_budgets_and_keeps_the_effective_
     assert "dpo" in table and "total" in table
 
 
+def test_training_settings_fitted_to_the_budget_keep_the_effective_batch():
+    from lora_cai.config import RecipeConfig
+    from lora_cai.planner import fit_training_settings
+
+    cfg = RecipeConfig.model_validate({"model": {"name": "Qwen/Qwen2.5-7B-Instruct"}, "data": {"prompts": "builtin:smoke"},
+                                       "vram_gb": 16, "sft": {"batch_size": 32, "grad_accum": 2, "max_length": 2048}})
+    shape = KNOWN["qwen2.5-7b"]
+    fitted = fit_training_settings(cfg, cfg.sft, "sft", shape)
+    assert fitted.batch_size < 32 and fitted.batch_size * fitted.grad_accum == 64
+    assert fitted.learning_rate == cfg.sft.learning_rate and fitted.max_length == 2048
+    roomy = cfg.model_copy(update={"vram_gb": 1000.0})
+    assert fit_training_settings(roomy, roomy.sft, "sft", shape) is roomy.sft  # fits: untouched
+
+
+
 def test_plan_raises_one_line_user_error_when_nothing_fits():
     s = model_shape(KNOWN["llama-3.1-8b"])
     with pytest.raises(UserError) as e:
