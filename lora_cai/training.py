@@ -3,12 +3,29 @@
 DPO's reference is the round's starting policy (base + frozen earlier adapters, the new adapter off),
 computed once before training by TRL's own precompute pass with our adapter context, so it is exactly
 what the policy computes and needs no second model copy.
+
+Soft labels (`dpo.soft_labels`): each pair carries `p_chosen`, the judge's probability that `chosen`
+is the better answer (1.0 for unjudged revision pairs). With m = (log pi(c) - log ref(c)) -
+(log pi(r) - log ref(r)) and z = beta * m, a pair's loss is
+
+- `off`:    -logsigmoid(z)                                  (TRL's sigmoid loss, p ignored)
+- `weight`: -(2p - 1) * logsigmoid(z)                       (confidence-weighted DPO)
+- `target`: -p * logsigmoid(z) - (1 - p) * logsigmoid(-z)   (conservative DPO with eps = 1 - p, per pair)
+
+and the step's loss is the plain mean over the batch's pairs. `weight` is deliberately *not*
+renormalised by the batch's mean weight: a pair at p = 0.5 then contributes exactly zero gradient, and a
+batch of unsure pairs takes a proportionally smaller step instead of being scaled back up to full
+strength (renormalising would also divide by zero on a batch of p = 0.5 pairs and make the effective
+learning rate depend on which pairs share a batch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import UserError
@@ -91,15 +108,61 @@ def _precision_args(model) -> dict:
     return {"bf16": bf16, "fp16": not bf16}
 
 
-def _common_args(settings, out_dir: Path, seed: int, model, report_to: str | list[str] = "none") -> dict:
+# Loggers TRL/Transformers can report to: the package that must be importable, and the environment
+# variable (with its value under `logging_dir`) that points the logger's files there. Transformers 5 has no
+# `logging_dir` argument any more; each integration reads its own variable instead.
+_LOGGERS = {
+    "tensorboard": ("tensorboard", "TENSORBOARD_LOGGING_DIR", "{dir}/tensorboard"),
+    "wandb": ("wandb", "WANDB_DIR", "{dir}"),
+    "mlflow": ("mlflow", "MLFLOW_TRACKING_URI", "file:{dir}/mlruns"),
+    "trackio": ("trackio", "TRACKIO_DIR", "{dir}/trackio"),
+}
+
+
+def _report_to(report_to: str | Sequence[str]) -> list[str]:
+    """`report_to` as TRL wants it (`[]` = none), after checking each logger is known and installed."""
+    import importlib.util
+
+    names = [] if report_to in ("none", None) else [report_to] if isinstance(report_to, str) else list(report_to)
+    for name in names:
+        if name not in _LOGGERS:
+            raise UserError(f"report_to: unknown logger '{name}'; use any of {sorted(_LOGGERS)}")
+        package = _LOGGERS[name][0]
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"report_to: {name} is not installed; pip install {package}, or remove it from report_to")
+    return names
+
+
+@contextlib.contextmanager
+def _logging_dir(report_to: list[str], logging_dir: Path | None):
+    """Point the chosen loggers' files under `logging_dir` while a trainer is built and runs.
+
+    Variables the user set already win; the environment is restored afterwards.
+    """
+    added = []  # trackio reads TRACKIO_DIR once, when first imported: Transformers imports it while the trainer is built
+    if logging_dir is not None:
+        for name in report_to:
+            _, var, value = _LOGGERS[name]
+            if var not in os.environ:
+                added.append(var)
+                os.environ[var] = value.format(dir=Path(logging_dir).resolve())
+    try:
+        yield
+    finally:
+        for var in added:
+            os.environ.pop(var, None)
+
+
+def _common_args(settings, out_dir: Path, seed: int, model, report_to: str | Sequence[str] = "none") -> dict:
     import torch
 
+    report_to = _report_to(report_to)
     return dict(
         output_dir=str(out_dir), learning_rate=settings.learning_rate, num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size, gradient_accumulation_steps=settings.grad_accum,
         max_length=settings.max_length, logging_steps=1, logging_nan_inf_filter=False,  # NaN must show, to stop
         save_strategy="steps", save_steps=settings.save_steps,
-        save_total_limit=1, save_only_model=False, report_to=report_to, seed=seed,
+        save_total_limit=1, save_only_model=False, report_to=report_to or "none", seed=seed,
         data_seed=seed, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
         gradient_checkpointing=torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
         **_precision_args(model),
@@ -207,9 +270,11 @@ def summarize(history: list[dict]) -> dict:
 
 
 def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
-              report_to="none", console=None, desc: str = "SFT") -> list[dict]:
+              report_to: Sequence[str] = (), logging_dir: Path | None = None, console=None,
+              desc: str = "SFT") -> list[dict]:
     """SFT of the `default` adapter on (prompt, revision) records; loss on the completion only.
 
+    `report_to` names extra loggers (TRL's `report_to`; empty = none), whose files go under `logging_dir`.
     Returns TRL's log history (one dict per logged step).
     """
     from datasets import Dataset
@@ -220,13 +285,50 @@ def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *,
                              "completion": [{"role": "assistant", "content": r["completion"]}]} for r in records])
     args = SFTConfig(**_common_args(settings, out_dir, seed, model, report_to), completion_only_loss=True,
                      dataset_num_proc=None)
-    trainer = _resumable(SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                                     callbacks=[_progress_callback(console, desc)], frozen_adapters=frozen)
-    _quiet(trainer)
-    _check_stack(model, frozen, "SFT")
-    trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
+    with _logging_dir(args.report_to, logging_dir):
+        trainer = _resumable(SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                                         callbacks=[_progress_callback(console, desc)], frozen_adapters=frozen)
+        _quiet(trainer)
+        _check_stack(model, frozen, "SFT")
+        trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
     _check_stack(model, frozen, "after SFT")
     return [dict(h) for h in trainer.state.log_history]
+
+
+SOFT_LABELS = ("off", "weight", "target")
+
+
+def soft_dpo_losses(margins, p_chosen, beta: float, mode: str):
+    """Per-pair DPO losses for implicit-reward margins `margins` and judged probabilities `p_chosen`.
+
+    `weight`: -(2p - 1) logsigmoid(beta m); `target`: -p logsigmoid(beta m) - (1 - p) logsigmoid(-beta m);
+    `off`: -logsigmoid(beta m). See the module docstring.
+    """
+    import torch.nn.functional as F
+
+    z = beta * margins
+    if mode == "off":
+        return -F.logsigmoid(z)
+    p = p_chosen.to(z.dtype)
+    if mode == "weight":
+        return -(2 * p - 1) * F.logsigmoid(z)
+    if mode == "target":
+        return -p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z)
+    raise ValueError(f"soft_labels: {mode!r} is not one of {SOFT_LABELS}")
+
+
+class _WithPChosen:
+    """A preference collator that also hands each batch's `p_chosen` (one float per pair) to the loss."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        import torch
+
+        batch = self.inner(examples)
+        batch["p_chosen"] = torch.tensor([float(e["p_chosen"]) for e in examples], dtype=torch.float32)
+        return batch
 
 
 def _stack_dpo_trainer_class():
@@ -241,18 +343,73 @@ def _stack_dpo_trainer_class():
         starting policy instead, then the stack is restored and the unused copy removed.
         """
 
-        def __init__(self, *args, frozen_adapters: list[str], **kwargs):
+        def __init__(self, *args, frozen_adapters: list[str], soft_labels: str = "off", **kwargs):
+            if soft_labels not in SOFT_LABELS:
+                raise ValueError(f"soft_labels: {soft_labels!r} is not one of {SOFT_LABELS}")
+            self._soft_labels = soft_labels
             super().__init__(*args, frozen_adapters=frozen_adapters, **kwargs)
             peft_model = self.accelerator.unwrap_model(self.model)
             if "ref" in peft_model.peft_config:
                 peft_model.delete_adapter("ref")
             set_active(peft_model, self._frozen + [TRAINABLE], trainable=TRAINABLE)
+            if soft_labels != "off":
+                if (list(self.loss_types) != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha
+                        is not None or self.use_weighting or self.aux_loss_enabled or not self.precompute_ref_logps):
+                    raise ValueError("soft labels need the plain sigmoid DPO loss with precomputed reference log-probs")
+                # TRL's collator drops columns it does not know; the loss needs p_chosen, so add it back per batch.
+                self.data_collator = _WithPChosen(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            # Trainer removes dataset columns outside the signature before batching; keep p_chosen.
+            super()._set_signature_columns_if_needed()
+            if self._soft_labels != "off" and "p_chosen" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "p_chosen"]
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            if self._soft_labels == "off":
+                return super()._compute_loss(model, inputs, return_outputs)
+            return self._soft_label_loss(model, inputs, return_outputs)
+
+        def _soft_label_loss(self, model, inputs, return_outputs=False):
+            """TRL's sigmoid DPO loss (precomputed reference) with each pair's own label; TRL's main metrics."""
+            mode = "train" if self.model.training else "eval"
+            completion_mask = inputs["completion_mask"]
+            model_kwargs = {k: v for k, v in inputs.items()
+                            if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen"}}
+            model_kwargs["use_cache"] = False
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            seq_len = completion_mask.size(1) - 1
+            logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+            chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+            chosen_logratios = chosen_logps - inputs["ref_chosen_logps"]
+            rejected_logratios = rejected_logps - inputs["ref_rejected_logps"]
+            per_pair = soft_dpo_losses(chosen_logratios - rejected_logratios, inputs["p_chosen"], self.beta,
+                                       self._soft_labels)
+            loss = per_pair.mean()
+
+            gather = self.accelerator.gather
+            if mode == "train":
+                tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                self._total_train_tokens += tokens // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            chosen_rewards = self.beta * chosen_logratios.detach()
+            rejected_rewards = self.beta * rejected_logratios.detach()
+            self._metrics[mode]["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+            self._metrics[mode]["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+            self._metrics[mode]["rewards/accuracies"].append(
+                gather((chosen_rewards > rejected_rewards).float()).mean().item())
+            self._metrics[mode]["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+            self._metrics[mode]["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+            self._metrics[mode]["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+            self._metrics[mode]["p_chosen"].append(gather(inputs["p_chosen"]).mean().item())
+            return (loss, outputs) if return_outputs else loss
 
         def compute_ref_log_probs(self, model, inputs):
             import torch
 
             model_kwargs = {k: v for k, v in inputs.items()
-                            if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}}
+                            if k not in {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "p_chosen"}}
             model_kwargs["use_cache"] = False
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
             peft_model = self.accelerator.unwrap_model(self.model)
@@ -266,29 +423,49 @@ def _stack_dpo_trainer_class():
     return StackDPOTrainer
 
 
+def _pair_probability(pair: dict) -> float:
+    p = float(pair.get("p_chosen", 1.0))
+    if not 0.5 <= p <= 1.0:  # NaN fails this too
+        raise UserError(f"pairs.jsonl: pair {pair.get('id')} has p_chosen={p}, outside [0.5, 1]; rebuild the pairs "
+                        f"(delete the round's pairs.jsonl and rerun) or set dpo.soft_labels: off")
+    return p
+
+
 def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
-              report_to="none", console=None, desc: str = "DPO") -> tuple[list[dict], list[dict]]:
+              report_to: Sequence[str] = (), logging_dir: Path | None = None, console=None,
+              desc: str = "DPO") -> tuple[list[dict], list[dict]]:
     """DPO of the `default` adapter on (prompt, chosen, rejected) pairs against the round's starting policy.
 
+    With `settings.soft_labels` other than `off`, each pair's `p_chosen` (default 1.0) sets its loss (module
+    docstring). `report_to`/`logging_dir` as for `train_sft`.
     Returns (TRL's log history, reference log-probs per pair `{id, chosen_logp, rejected_logp}`).
     """
     from datasets import Dataset
     from trl import DPOConfig
 
     install_logprob_fallback()
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
-                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    soft = getattr(settings, "soft_labels", "off")
+    rows = []
+    for p in pairs:
+        row = {"prompt": [{"role": "user", "content": p["prompt"]}],
+               "chosen": [{"role": "assistant", "content": p["chosen"]}],
+               "rejected": [{"role": "assistant", "content": p["rejected"]}]}
+        if soft != "off":
+            row["p_chosen"] = _pair_probability(p)
+        rows.append(row)
+    ds = Dataset.from_list(rows)
     args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.beta,
                      precompute_ref_log_probs=True, dataset_num_proc=None)
-    trainer = _stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                                         frozen_adapters=frozen, callbacks=[_progress_callback(console, desc)])
-    _quiet(trainer)
-    _check_stack(model, frozen, "DPO")
-    ref = [{"id": p["id"], "chosen_logp": float(c), "rejected_logp": float(r)}
-           for p, c, r in zip(pairs, trainer.train_dataset["ref_chosen_logps"],
-                              trainer.train_dataset["ref_rejected_logps"])]
-    trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
+    with _logging_dir(args.report_to, logging_dir):
+        trainer = _stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                                             frozen_adapters=frozen, soft_labels=soft,
+                                             callbacks=[_progress_callback(console, desc)])
+        _quiet(trainer)
+        _check_stack(model, frozen, "DPO")
+        ref = [{"id": p["id"], "chosen_logp": float(c), "rejected_logp": float(r)}
+               for p, c, r in zip(pairs, trainer.train_dataset["ref_chosen_logps"],
+                                  trainer.train_dataset["ref_rejected_logps"])]
+        trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
     _check_stack(model, frozen, "after DPO")
     return [dict(h) for h in trainer.state.log_history], ref
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 
 import pytest
 import torch
@@ -156,3 +157,156 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model, t
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(v).all() for v in load_file(f"{good}/adapter_model.safetensors").values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Soft-label DPO (dpo.soft_labels) and logger pass-through
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def one_thread():
+    """Tiny matrices: a second torch thread only adds contention on a shared 2-core machine (measured 2.5x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def soft_pairs(p: float | None) -> list[dict]:
+    """PAIRS with a judged probability (None: no p_chosen key at all)."""
+    return [dict(pair, **({} if p is None else {"p_chosen": p})) for pair in PAIRS]
+
+
+def dpo_losses(tiny_model, out, pairs, *, trl_args: dict | None = None, **settings):
+    """Per-step losses of DPO on a fresh round-1 policy (same seed, data, order every time) and the model.
+
+    `trl_args` bypasses `train_dpo`: the same trainer built with extra DPOConfig arguments (TRL's own losses).
+    """
+    model, tok, frozen = build(tiny_model)
+    settings = DPOSettings(**{"batch_size": 4, "learning_rate": 5e-3, "epochs": 2, **settings})
+    if trl_args is None:
+        history, _ = training.train_dpo(model, tok, pairs, settings, out, seed=0, frozen=frozen)
+    else:
+        from datasets import Dataset
+        from trl import DPOConfig
+
+        ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+        args = DPOConfig(**training._common_args(settings, out, 0, model), beta=settings.beta,
+                         precompute_ref_log_probs=True, dataset_num_proc=None, **trl_args)
+        trainer = training._stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                                      frozen_adapters=frozen)
+        training._quiet(trainer)
+        trainer.train()
+        history = trainer.state.log_history
+    return [h["loss"] for h in history if "loss" in h], model
+
+
+@pytest.fixture(scope="module")
+def soft_runs(tiny_model, tmp_path_factory):
+    """Per-step DPO losses of one fresh round-1 policy under each labelling, same seed, data and order."""
+    tmp = tmp_path_factory.mktemp("soft")
+    cdpo = dict(loss_type=["sigmoid", "robust"], loss_weights=[1.6, -0.6], label_smoothing=0.2)
+    runs = {
+        "target@0.8": dict(pairs=soft_pairs(0.8), soft_labels="target"),
+        "trl cdpo 0.2": dict(pairs=PAIRS, trl_args=cdpo),
+        "trl sigmoid ls 0.2": dict(pairs=PAIRS, trl_args=dict(label_smoothing=0.2)),
+        "off@0.6": dict(pairs=soft_pairs(0.6)),
+        "weight@missing": dict(pairs=soft_pairs(None), soft_labels="weight"),  # no p_chosen = 1.0
+        "target@1": dict(pairs=soft_pairs(1.0), soft_labels="target"),
+    }
+    with one_thread():
+        return {name: dpo_losses(tiny_model, tmp / str(i), **kw)[0] for i, (name, kw) in enumerate(runs.items())}
+
+
+def test_soft_target_is_conservative_dpo_as_trl_computes_it(soft_runs):
+    """`target` with every p = 0.8 = conservative DPO with eps = 0.2, step by step.
+
+    TRL 1.15's `sigmoid` loss ignores `label_smoothing` (only robust/exo/aot read it), so the reference is
+    TRL's own code on the identity cDPO = 2(1-eps) * sigmoid - (1-2eps) * robust, both with label_smoothing eps.
+    """
+    ours, trl = soft_runs["target@0.8"], soft_runs["trl cdpo 0.2"]
+    assert len(ours) == len(trl) == 4
+    assert ours == pytest.approx(trl, abs=1e-5)
+    # TRL's label_smoothing alone changes nothing for the sigmoid loss ...
+    assert soft_runs["trl sigmoid ls 0.2"] == pytest.approx(soft_runs["off@0.6"], abs=1e-6)
+    # ... and the soft target really is a different objective from plain DPO
+    assert abs(ours[-1] - soft_runs["off@0.6"][-1]) > 0.05
+
+
+def test_soft_labels_off_ignores_p_and_soft_modes_at_p_one_are_trls_loss(soft_runs):
+    """`off` is TRL's own sigmoid loss whatever p says; `weight`/`target` at p = 1 reproduce it step by step."""
+    off = soft_runs["off@0.6"]
+    assert len(off) == 4 and off[-1] < off[0] - 0.1
+    assert soft_runs["weight@missing"] == pytest.approx(off, abs=1e-6)
+    assert soft_runs["target@1"] == pytest.approx(off, abs=1e-6)
+
+
+def test_soft_weight_half_confident_pairs_leave_the_adapter_unchanged(tiny_model, tmp_path):
+    """`weight`: w = 2p - 1 = 0 at p = 0.5, so such pairs give exactly zero gradient; p = 0.75 pairs train."""
+    with one_thread():
+        losses, model = dpo_losses(tiny_model, tmp_path / "half", soft_pairs(0.5), soft_labels="weight",
+                                   learning_rate=2e-2)
+        _, trained = dpo_losses(tiny_model, tmp_path / "sure", soft_pairs(0.75), soft_labels="weight",
+                                learning_rate=2e-2)
+    fresh, _, _ = build(tiny_model)
+    start = {n: p for n, p in fresh.named_parameters() if ".default." in n}
+    after = {n: p for n, p in model.named_parameters() if ".default." in n}
+    # TRL casts a quantized model's trainable LoRA weights to bfloat16 (QLoRA practice) when the trainer is built
+    assert start and all(torch.equal(after[n], p.to(after[n].dtype)) for n, p in start.items())
+    assert losses == [0.0] * 4
+    moved = dict(trained.named_parameters())
+    assert any(not torch.equal(moved[n], p.to(moved[n].dtype)) for n, p in start.items() if "lora_B" in n)
+
+
+def test_soft_dpo_losses_per_pair():
+    """The per-pair formulas: values, zero gradient at p = 0.5 for `weight`, cDPO's pull towards margin 0."""
+    import torch.nn.functional as F
+
+    m = torch.tensor([2.0, -1.0, 0.5, 3.0], requires_grad=True)
+    p = torch.tensor([1.0, 0.5, 0.8, 0.9])
+    beta = 0.5
+    w = training.soft_dpo_losses(m, p, beta, "weight")
+    assert torch.allclose(w, -(2 * p - 1) * F.logsigmoid(beta * m))
+    w.sum().backward()
+    assert m.grad[1] == 0 and (m.grad[[0, 2, 3]] < 0).all()
+    t = training.soft_dpo_losses(m.detach(), p, beta, "target")
+    eps = 1 - p
+    assert torch.allclose(t, -(1 - eps) * F.logsigmoid(beta * m) - eps * F.logsigmoid(-beta * m))
+    # cDPO's minimum is at sigmoid(beta m) = p: the loss there is the label's entropy
+    m_star = torch.logit(torch.tensor(0.8)) / beta
+    grid = m_star + torch.linspace(-1, 1, 21)
+    vals = training.soft_dpo_losses(grid, torch.full_like(grid, 0.8), beta, "target")
+    assert int(vals.argmin()) == 10
+    assert torch.equal(training.soft_dpo_losses(m.detach(), p, beta, "off"), -F.logsigmoid(beta * m.detach()))
+
+
+def test_bad_p_chosen_is_a_one_line_user_error(tiny_model, tmp_path):
+    from lora_cai.errors import UserError
+
+    model, tok, frozen = build(tiny_model)
+    bad = soft_pairs(0.8)
+    bad[3]["p_chosen"] = 0.3
+    with pytest.raises(UserError, match=r"pairs.jsonl: pair 3 has p_chosen=0.3, outside \[0.5, 1\]"):
+        training.train_dpo(model, tok, bad, DPOSettings(soft_labels="weight"), tmp_path, seed=0, frozen=frozen)
+
+
+def test_report_to_reaches_the_trainer_and_names_missing_loggers(tiny_model, tmp_path):
+    import importlib.util
+
+    from lora_cai.errors import UserError
+
+    assert training._common_args(SFTSettings(), tmp_path, 0, None)["report_to"] == "none"
+    with pytest.raises(UserError, match="report_to: unknown logger 'comet'"):
+        training._report_to(["comet"])
+    model, tok, frozen = build(tiny_model)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(UserError, match="report_to: tensorboard is not installed; pip install tensorboard"):
+            training.train_sft(model, tok, SFT, SFTSettings(), tmp_path / "s", seed=0, frozen=frozen,
+                               report_to=["tensorboard"], logging_dir=tmp_path / "logs")
+        return
+    training.train_sft(model, tok, SFT, SFTSettings(batch_size=4), tmp_path / "s", seed=0, frozen=frozen,
+                       report_to=["tensorboard"], logging_dir=tmp_path / "logs")
+    assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
