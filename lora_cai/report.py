@@ -9,15 +9,25 @@ Where each number comes from:
 - per-round counts, first -> last training values and seconds: the round's summary in `manifest.json`
   (the file the run itself wrote); a round the manifest does not list yet falls back to its files
   (`responses.jsonl`, `critique-*.jsonl`, `sft.jsonl`, `pairs.jsonl`, `train.json`);
-- held-out metrics: `baseline-eval.json` (shown as round 0) and `round-k/eval.json`;
+- held-out metrics: `baseline-eval.json` (shown as round 0) and `round-k/eval.json` (harmful compliance,
+  over-refusal, rule violation rate, win rate against the previous round, capability-probe accuracy,
+  detector and heuristic disagreement); the quality score is the manifest's `quality` (round 0 and rounds
+  that lack it: `evaluation.quality_score` of the eval file, the same formula); the alignment tax is a
+  round's capability accuracy minus the base model's; best and stopped rounds: the manifest's `best_round`,
+  `stopped_round` and `stack`;
+- judging: the round summary's `judge` statistics (a round the manifest does not list yet: comparisons,
+  garbled, position consistency and label histogram recounted from `judgments.jsonl`), pairs by `source`
+  from `pairs.jsonl`; the critic check: `critic-check.json`; peak memory: the summary's `peak_memory_gb`;
 - curves: `sft_log.jsonl` and `dpo_log.jsonl` (rows that carry a `loss`);
 - critique outcomes: the `status` of every record in `critique-*.jsonl`;
 - the principle table, the one computed analysis: per principle, critique records (sampled), records with
   status `no_change`, records with status `revise`, the mean of `1 - difflib ratio` between a revise step's
   input text and its revision (inputs rebuilt from `trajectories.jsonl`: step 1's input is `initial`, step
-  s's input is step s-1's revision), and pairs in `pairs.jsonl` naming the principle.
+  s's input is step s-1's revision), pairs in `pairs.jsonl` naming the principle (by source), and the
+  judge's per-principle `judged` / `confident` counts summed over the rounds' summaries.
 
-Anything absent (eval disabled, no pairs so no DPO steps, a round still running) renders as "n/a".
+Anything absent (eval disabled, no pairs so no DPO steps, a round still running, a run from before these
+files existed) renders as "n/a".
 """
 
 from __future__ import annotations
@@ -27,11 +37,13 @@ import base64
 import difflib
 import html
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .evaluation import quality_score  # the run's own formula; evaluation.py imports no torch at module level
 
 STATUSES = ("revise", "no_change", "copied_demonstration", "copied_response", "empty", "too_long")
 NA = "n/a"
@@ -39,13 +51,23 @@ PLOTS = {  # file name under report/ -> title
     "sft_loss.png": "SFT loss per step",
     "dpo.png": "DPO loss, reward margin and reward accuracy per step",
     "eval.png": "Held-out metrics per round (round 0 = base model)",
+    "judge_labels.png": "Judge labels: histogram of P(a better) per round",
     "critique_outcomes.png": "Critique outcomes per round",
 }
-SUMMARY_HEADERS = ["round", "prompts", "responses", "critiques", "revisions", "SFT records", "pairs",
-                   "SFT loss (first → last)", "DPO loss (first → last)", "DPO margin (first → last)",
-                   "harmful compliance", "over-refusal", "seconds"]
+SOURCES = ("revision", "best_of_n")
+DROP_REASONS = ("garbled", "tie", "low_confidence", "identical")
+SUMMARY_HEADERS = ["round", "status", "prompts", "responses", "critiques", "revisions", "SFT records", "pairs",
+                   "SFT loss (first → last)", "DPO loss (first → last)", "DPO margin (first → last)", "seconds"]
+METRIC_HEADERS = ["round", "status", "quality", "harmful compliance", "over-refusal", "violation rate",
+                  "response violation rate", "win rate vs previous", "wins / losses / ties / garbled",
+                  "capability accuracy", "capability Δ vs base", "detector", "heuristic disagreement"]
+JUDGE_HEADERS = ["round", "judge", "samples", "comparisons", "confident", "garbled", "position consistency",
+                 "agreement with self", "pairs (revision)", "pairs (best_of_n)", "pairs dropped"]
+DROP_HEADERS = ["round", "source", "kept", "garbled", "tie", "low confidence", "identical"]
+HIST_HEADERS = ["round"] + [f"{i / 10:.1f}–{(i + 1) / 10:.1f}" for i in range(10)]
 PRINCIPLE_HEADERS = ["principle", "sampled", "no change", "no-change rate", "revisions", "mean change",
-                     "pairs"]
+                     "pairs (revision)", "pairs (best_of_n)", "judged", "confident", "confident / judged"]
+STAGE_ORDER = ("responses", "samples", "critique", "judge", "train", "eval")
 EXAMPLES_PER_ROUND = 3
 TRUNCATE = 280
 
@@ -108,6 +130,7 @@ def _load_round(root: Path, k: int, summary: dict) -> dict:
         "pairs": _read_jsonl(rd / "pairs.jsonl") if (rd / "pairs.jsonl").exists() else None,
         "sft_log": [r for r in _read_jsonl(rd / "sft_log.jsonl") if "loss" in r],
         "dpo_log": [r for r in _read_jsonl(rd / "dpo_log.jsonl") if "loss" in r],
+        "judgments": _read_jsonl(rd / "judgments.jsonl") if (rd / "judgments.jsonl").exists() else None,
         "train": _read_json(rd / "train.json"),
         "eval": _read_json(rd / "eval.json"),
     }
@@ -137,11 +160,29 @@ def load_run(run_dir: str | Path) -> dict:
         "root": root,
         "manifest": manifest,
         "baseline": _read_json(root / "baseline-eval.json"),
+        "critic": _read_json(root / "critic-check.json"),
         "rounds": [_load_round(root, k, rounds_meta.get(str(k)) or {}) for k in sorted(ks)],
     }
 
 
 # ------------------------------------------------------------------ numbers
+def _number(v):
+    """v when it is a real number (not a bool), else None."""
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _int(v) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    return int(v) if isinstance(v, str) and v.isdigit() else None
+
+
 def _count_or(summary: dict, key: str, fallback):
     """The manifest's count when it has one, else the count from the round's files (None: unknown)."""
     v = summary.get(key)
@@ -181,7 +222,7 @@ def summary_row(r: dict) -> dict[str, Any]:
     s = r["summary"]
     crit = [rec for recs in r["critiques"] for rec in recs]
     have_crit = bool(r["critiques"])
-    sft, dpo, ev = _training(r, "sft"), _training(r, "dpo"), _eval(r)
+    sft, dpo = _training(r, "sft"), _training(r, "dpo")
     return {
         "round": r["k"],
         "prompts": _count_or(s, "prompts", None),
@@ -194,18 +235,165 @@ def summary_row(r: dict) -> dict[str, Any]:
         "sft_loss": (sft.get("first_loss"), sft.get("last_loss")),
         "dpo_loss": (dpo.get("first_loss"), dpo.get("last_loss")),
         "dpo_margin": (dpo.get("first_rewards/margins"), dpo.get("last_rewards/margins")),
-        "harmful_compliance": ev.get("harmful_compliance"),
-        "over_refusal": ev.get("over_refusal"),
         "seconds": s.get("seconds"),
     }
 
 
+def stacked_rounds(run: dict) -> set[int]:
+    """Rounds whose adapter is in the manifest's stack."""
+    stack = run["manifest"].get("stack")
+    out = set()
+    for entry in stack if isinstance(stack, list) else []:
+        m = re.match(r"round-(\d+)(/|$)", str(entry))
+        if m:
+            out.add(int(m.group(1)))
+    return out
+
+
+def round_status(run: dict, k: int) -> str:
+    """Stacked / stopped early (kept, not stacked) / not stacked / unfinished, and the best round marked."""
+    m = run["manifest"]
+    rounds_meta = _dict(m.get("rounds"))
+    if k == 0:
+        parts = ["base model"]
+    elif _int(m.get("stopped_round")) == k:
+        parts = ["STOPPED early: adapter kept, not stacked"]
+    elif k in stacked_rounds(run):
+        parts = ["stacked"]
+    elif str(k) not in rounds_meta:
+        parts = ["unfinished"]
+    else:
+        parts = ["not stacked"]
+    if _int(m.get("best_round")) == k:
+        parts.insert(0, "★ BEST")
+    return ", ".join(parts)
+
+
+def metrics_row(run: dict, r: dict | None) -> dict[str, Any]:
+    """Held-out metrics of a round (r=None: the base model, round 0) as raw values (None: not available)."""
+    base = run["baseline"] or {}
+    if r is None:
+        ev, summary, k = base, {}, 0
+    else:
+        ev, summary, k = _eval(r), r["summary"], r["k"]
+    quality = _number(summary.get("quality"))
+    if quality is None and ev:
+        quality = quality_score(ev)
+    win = _dict(ev.get("win_rate"))
+    cap = _number(_dict(ev.get("capability")).get("accuracy"))
+    base_cap = _number(_dict(base.get("capability")).get("accuracy"))
+    return {
+        "round": k,
+        "status": round_status(run, k),
+        "quality": quality,
+        "harmful_compliance": _number(ev.get("harmful_compliance")),
+        "over_refusal": _number(ev.get("over_refusal")),
+        "violation_rate": _number(ev.get("violation_rate")),
+        "response_violation_rate": _number(summary.get("response_violation_rate")),
+        "win_rate": _number(win.get("win_rate")),
+        "wins_losses_ties_garbled": tuple(_number(win.get(key)) for key in ("wins", "losses", "ties", "garbled"))
+        if win else None,
+        "capability": cap,
+        "capability_delta": cap - base_cap if k and cap is not None and base_cap is not None else None,
+        "detector": ev.get("detector") if isinstance(ev.get("detector"), str) else None,
+        "heuristic_disagreement": _number(ev.get("heuristic_disagreement")),
+    }
+
+
+def judge_stats(r: dict) -> dict:
+    """The round summary's judge statistics; a round without them (still running) recounts what it can from
+    judgments.jsonl (confident counts need the configured threshold, so they stay unknown); {} when none."""
+    js = r["summary"].get("judge")
+    if isinstance(js, dict):
+        return js
+    recs = r["judgments"]
+    if "judge" in r["summary"] or not recs:
+        return {}
+    scored = [x for x in recs if _number(x.get("p_raw")) is not None]
+    bins = [0] * 10
+    for x in scored:
+        bins[min(max(int(x["p_raw"] * 10), 0), 9)] += 1
+    model = [x for x in scored if x.get("judge") != "rule"]
+    return {"comparisons": len(recs), "garbled": len(recs) - len(scored),
+            "position_consistency": sum(bool(x.get("consistent")) for x in model) / len(model) if model else None,
+            "label_histogram": bins}
+
+
+def judge_kinds(r: dict) -> str | None:
+    """The judge(s) named in judgments.jsonl, else in pairs.jsonl."""
+    kinds = sorted({str(x["judge"]) for x in r["judgments"] or [] if x.get("judge")})
+    if not kinds:
+        kinds = sorted({str(p["judge"]) for p in r["pairs"] or [] if p.get("judge")})
+    return ", ".join(kinds) or None
+
+
+def pairs_by_source(r: dict) -> dict[str, int] | None:
+    """pairs.jsonl records per `source` (None: no pairs.jsonl)."""
+    if r["pairs"] is None:
+        return None
+    counts = dict.fromkeys(SOURCES, 0)
+    for p in r["pairs"]:
+        src = str(p.get("source") or "unknown")
+        counts[src] = counts.get(src, 0) + 1
+    return counts
+
+
+def judge_row(r: dict) -> dict[str, Any]:
+    """The round's judging statistics as raw values (None: not available)."""
+    js = judge_stats(r)
+    dropped = _dict(js.get("dropped"))
+    drops = [_number(v) for d in dropped.values() for v in _dict(d).values()]
+    by_src = pairs_by_source(r) or {}
+    return {
+        "round": r["k"],
+        "judge": judge_kinds(r),
+        "samples": _number(r["summary"].get("samples")),
+        "comparisons": _number(js.get("comparisons")),
+        "confident": _number(js.get("confident")),
+        "garbled": _number(js.get("garbled")),
+        "position_consistency": _number(js.get("position_consistency")),
+        "agreement_with_self": _number(js.get("agreement_with_self")),
+        "pairs_revision": by_src.get("revision"),
+        "pairs_best_of_n": by_src.get("best_of_n"),
+        "dropped": sum(d for d in drops if d is not None) if dropped else None,
+    }
+
+
+def label_histogram(r: dict) -> list[int] | None:
+    h = judge_stats(r).get("label_histogram")
+    if isinstance(h, list) and len(h) == 10 and all(_number(x) is not None for x in h):
+        return h
+    return None
+
+
+def peak_memory(run: dict) -> tuple[list[str], list[tuple[int, str | None, dict]]]:
+    """(stages in pipeline order, [(round, kind, {stage: GB})]) from the round summaries."""
+    rows, stages = [], set()
+    for r in run["rounds"]:
+        mem = {str(st): _number(v) for st, v in _dict(r["summary"].get("peak_memory_gb")).items()}
+        kind = r["summary"].get("peak_memory_kind")
+        rows.append((r["k"], kind if isinstance(kind, str) else None, mem))
+        stages |= set(mem)
+
+    def order(st: str):
+        head, _, tail = st.partition("-")
+        rank = STAGE_ORDER.index(head) if head in STAGE_ORDER else len(STAGE_ORDER)
+        return rank, int(tail) if tail.isdigit() else 0, st
+
+    return sorted(stages, key=order), rows
+
+
 def principle_stats(run: dict) -> dict[str, dict]:
-    """Per principle, over all rounds: sampled, no_change, revisions, mean change, pairs (see the module doc)."""
+    """Per principle, over all rounds: sampled, no_change, revisions, mean change, pairs (in all and by source),
+    and judged / confident from the judge's per-principle statistics (None: no round has them)."""
     stats: dict[str, dict] = {}
 
     def entry(name) -> dict:
-        return stats.setdefault(str(name), {"sampled": 0, "no_change": 0, "revisions": 0, "changes": [], "pairs": 0})
+        return stats.setdefault(str(name), {"sampled": 0, "no_change": 0, "revisions": 0, "changes": [], "pairs": 0,
+                                            "pairs_by_source": dict.fromkeys(SOURCES, 0), "judged": None,
+                                            "confident": None})
+
+    judged_anywhere = False
 
     for r in run["rounds"]:
         for recs in r["critiques"]:
@@ -229,8 +417,23 @@ def principle_stats(run: dict) -> dict[str, dict]:
                 current = revision
         for p in r["pairs"] or []:
             if p.get("principle") is not None:
-                entry(p["principle"])["pairs"] += 1
+                e = entry(p["principle"])
+                e["pairs"] += 1
+                src = str(p.get("source") or "unknown")
+                e["pairs_by_source"][src] = e["pairs_by_source"].get(src, 0) + 1
+        per = judge_stats(r).get("per_principle")
+        if isinstance(per, dict):
+            judged_anywhere = True
+            for name, d in per.items():
+                e = entry(name)
+                for key in ("judged", "confident"):
+                    v = _number(_dict(d).get(key))
+                    if v is not None:
+                        e[key] = (e[key] or 0) + v
     for e in stats.values():
+        if judged_anywhere:  # a principle the judge never saw was judged 0 times, not "unknown"
+            e["judged"] = e["judged"] or 0
+            e["confident"] = e["confident"] or 0
         e["mean_change"] = sum(e["changes"]) / len(e["changes"]) if e["changes"] else None
     return dict(sorted(stats.items(), key=lambda kv: (-kv[1]["sampled"], kv[0])))
 
@@ -317,28 +520,64 @@ def plot_dpo(run: dict, path: Path) -> None:
 
 
 def plot_eval(run: dict, path: Path) -> None:
-    fig = _figure((7, 4))
+    fig = _figure((9, 4.5))
     ax = fig.add_subplot(1, 1, 1)
-    points = [(0, run["baseline"] or {})] + [(r["k"], _eval(r)) for r in run["rounds"]]
+    points = [metrics_row(run, None)] + [metrics_row(run, r) for r in run["rounds"]]
     drawn = False
     for key, label, marker in (("harmful_compliance", "harmful compliance", "o"),
-                               ("over_refusal", "over-refusal", "s")):
-        pts = [(k, ev[key]) for k, ev in points if isinstance(ev.get(key), (int, float))]
+                               ("over_refusal", "over-refusal", "s"),
+                               ("violation_rate", "rule violation rate", "v"),
+                               ("win_rate", "win rate vs previous round", "^"),
+                               ("capability", "capability accuracy", "D"),
+                               ("quality", "quality score", "*")):
+        pts = [(row["round"], row[key]) for row in points if row[key] is not None]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker=marker, label=label)
+            ax.plot(xs, ys, marker=marker, label=label, linestyle="--" if key == "quality" else "-")
             drawn = True
-    ax.set_xticks([k for k, _ in points])
-    ax.set_xticklabels(["base" if k == 0 else str(k) for k, _ in points])
+    m = run["manifest"]
+    best, stopped = _int(m.get("best_round")), _int(m.get("stopped_round"))
+    if best is not None:
+        ax.axvline(best, color="green", linestyle=":", alpha=0.7, label=f"best round ({best})")
+    if stopped is not None:
+        ax.axvspan(stopped - 0.4, stopped + 0.4, color="red", alpha=0.12,
+                   label=f"round {stopped} stopped (not stacked)")
+    ax.set_xticks([row["round"] for row in points])
+    ax.set_xticklabels(["base" if row["round"] == 0 else str(row["round"]) for row in points])
     ax.set_xlabel("round")
     ax.set_ylabel("rate")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("held-out metrics")
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         _empty(ax, "no evaluation in this run")
+    _save(fig, path)
+
+
+def plot_judge_labels(run: dict, path: Path) -> None:
+    """Grouped bars: per round, how many judged comparisons fell in each tenth of P(a better)."""
+    fig = _figure((9, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    hists = [(r["k"], h) for r in run["rounds"] if (h := label_histogram(r)) is not None]
+    width = 0.1 / (len(hists) + 1)
+    for i, (k, h) in enumerate(hists):
+        xs = [b / 10 + width * (i + 1) for b in range(10)]
+        ax.bar(xs, h, width=width, label=f"round {k}")
+    ax.set_xticks([b / 10 for b in range(11)])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("P(a better), averaged over both orders (p_raw)")
+    ax.set_ylabel("comparisons")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("judge labels (0.5 = undecided; the edges are confident)")
+    ax.grid(alpha=0.3, axis="y")
+    if hists:
+        ax.legend(fontsize="small")
+    else:
+        _empty(ax, "no judged comparisons")
     _save(fig, path)
 
 
@@ -378,36 +617,111 @@ def _examples(r: dict) -> list[dict]:
     return (changed + rest)[:EXAMPLES_PER_ROUND]
 
 
+def _critic_blocks(run: dict) -> list[tuple]:
+    c = run["critic"]
+    b: list[tuple] = [("h2", "Critic check")]
+    if c is None:
+        b.append(("p", "n/a: no critic-check.json (the check was off, critique.steps was 0, or the run predates it)."))
+        return b
+    ok = c.get("ok")
+    verdict = NA if not isinstance(ok, bool) else ("passed" if ok else "FAILED: the critic cannot tell harmful "
+                                                                         "from benign answers")
+    facts = [("result", verdict), ("message", c.get("message")),
+             ("flagged harmful", _number(c.get("flagged_harmful"))), ("flagged benign", _number(c.get("flagged_benign"))),
+             ("passed benign", _number(c.get("passed_benign"))), ("copied", _number(c.get("copied"))),
+             ("separation", _number(c.get("separation"))),
+             ("canaries", f"{_fmt(_number(c.get('n_harmful')))} harmful + {_fmt(_number(c.get('n_benign')))} benign")]
+    b.append(("list", [f"{k}: {_fmt(v)}" for k, v in facts]))
+    return b
+
+
 def _blocks(run: dict) -> list[tuple]:
     """The report as a list of blocks, rendered once as Markdown and once as HTML."""
     m, root = run["manifest"], run["root"]
     model = m.get("model") if isinstance(m.get("model"), dict) else {}
     const = m.get("constitution") if isinstance(m.get("constitution"), dict) else {}
     stack = m.get("stack") if isinstance(m.get("stack"), list) else []
+    best, stopped = _int(m.get("best_round")), _int(m.get("stopped_round"))
+    metrics = [metrics_row(run, None)] + [metrics_row(run, r) for r in run["rounds"]]
+    quality = {row["round"]: row["quality"] for row in metrics}
     b: list[tuple] = [("h1", f"lora_cai run report: {m.get('name') or root.name}")]
+    if stopped is not None:
+        early = (f"round {stopped} (quality {_fmt(quality.get(stopped), 3)} after round {stopped - 1}'s "
+                 f"{_fmt(quality.get(stopped - 1), 3)}): its adapter is kept in round-{stopped}/adapter but NOT stacked")
+    else:
+        early = "none" if "best_round" in m else None
     facts = [("run directory", str(root)), ("base model", model.get("name")), ("backend", m.get("backend")),
              ("constitution", f"{const.get('name', NA)} ({str(const.get('hash', NA))[:12]})"),
              ("seed", m.get("seed")), ("rounds", len(run["rounds"])),
-             ("adapter stack", ", ".join(map(str, stack)) or NA)]
+             ("adapter stack", ", ".join(map(str, stack)) or NA),
+             ("best round", None if best is None else
+              f"{'0 (base model)' if best == 0 else best}, quality {_fmt(quality.get(best), 3)}"),
+             ("early stop", early)]
     b.append(("list", [f"{k}: {_fmt(v)}" for k, v in facts]))
+    b += _critic_blocks(run)
 
     b.append(("h2", "Rounds"))
     b.append(("p", "Counts, first → last training values and seconds are the run's own per-round summaries "
-                   "(manifest.json); held-out rates come from baseline-eval.json (round 0, the base model) and "
-                   "round-k/eval.json. n/a: not in the artifacts (evaluation disabled, no pairs to train DPO on, "
-                   "or the round has not finished)."))
+                   "(manifest.json). status: stacked (the adapter is in the manifest's stack), STOPPED early (quality "
+                   "dropped: the adapter is kept but not stacked), ★ BEST (the manifest's best_round). n/a: not in the "
+                   "artifacts (no pairs to train DPO on, or the round has not finished)."))
     rows = []
-    base = run["baseline"]
-    if base is not None:
-        rows.append(["0 (base)"] + [NA] * 9 + [_fmt(base.get("harmful_compliance")),
-                                                _fmt(base.get("over_refusal")), NA])
     for r in run["rounds"]:
         s = summary_row(r)
-        rows.append([str(s["round"]), _fmt(s["prompts"]), _fmt(s["responses"]), _fmt(s["critiques"]),
-                     _fmt(s["revisions"]), _fmt(s["sft_records"]), _fmt(s["pairs"]), _span(s["sft_loss"]),
-                     _span(s["dpo_loss"]), _span(s["dpo_margin"]), _fmt(s["harmful_compliance"]),
-                     _fmt(s["over_refusal"]), _fmt(s["seconds"], 1)])
+        rows.append([str(s["round"]), round_status(run, r["k"]), _fmt(s["prompts"]), _fmt(s["responses"]),
+                     _fmt(s["critiques"]), _fmt(s["revisions"]), _fmt(s["sft_records"]), _fmt(s["pairs"]),
+                     _span(s["sft_loss"]), _span(s["dpo_loss"]), _span(s["dpo_margin"]), _fmt(s["seconds"], 1)])
     b.append(("table", SUMMARY_HEADERS, rows))
+
+    b.append(("h2", "Held-out metrics per round"))
+    b.append(("p", "From baseline-eval.json (round 0, the base model) and round-k/eval.json. quality: the manifest's "
+                   "score (mean of 1 - harmful compliance, 1 - over-refusal and, with a rule judge, 1 - violation "
+                   "rate; round 0 computed the same way). violation rate: sampled held-out answers breaking a rule; "
+                   "response violation rate: the round's training responses breaking one. win rate: this round's "
+                   "answers against the previous eval's, judged in both orders (ties count half). capability Δ vs "
+                   "base: the alignment tax (negative = capability lost). detector: what decided refusals; heuristic "
+                   "disagreement: share of answers where the judge and the refusal-phrase heuristic differ. n/a: not "
+                   "measured in this run."))
+    rows = []
+    for row in metrics:
+        if row["round"] == 0 and run["baseline"] is None:
+            continue
+        wltg = row["wins_losses_ties_garbled"]
+        rows.append(["0 (base)" if row["round"] == 0 else str(row["round"]), row["status"], _fmt(row["quality"]),
+                     _fmt(row["harmful_compliance"]), _fmt(row["over_refusal"]), _fmt(row["violation_rate"]),
+                     _fmt(row["response_violation_rate"]), _fmt(row["win_rate"]),
+                     NA if wltg is None else " / ".join(_fmt(v) for v in wltg), _fmt(row["capability"]),
+                     NA if row["capability_delta"] is None else f"{row['capability_delta']:+.4f}",
+                     _fmt(row["detector"]), _fmt(row["heuristic_disagreement"])])
+    b.append(("table", METRIC_HEADERS, rows) if rows else ("p", "n/a: no evaluation in this run."))
+    b.append(("img", "eval.png"))
+
+    b.append(("h2", "Judging"))
+    b.append(("p", "From each round's summary (manifest.json: judge, samples) and pairs.jsonl (pairs by source). "
+                   "comparisons: judged pairs of responses (both orders each); confident: the judge's preference "
+                   "reached judge.confidence; garbled: no usable answer; position consistency: both orders prefer "
+                   "the same response; agreement with self: with judge.cross_check_self, how often the policy "
+                   "picks the judge's winner; pairs dropped: by the pair builders, detailed below. n/a: nothing "
+                   "was judged (revision pairs without pairs.judge_revisions) or the run predates judging."))
+    b.append(("table", JUDGE_HEADERS, [
+        [str(j["round"]), _fmt(j["judge"]), _fmt(j["samples"]), _fmt(j["comparisons"]), _fmt(j["confident"]),
+         _fmt(j["garbled"]), _fmt(j["position_consistency"]), _fmt(j["agreement_with_self"]), _fmt(j["pairs_revision"]),
+         _fmt(j["pairs_best_of_n"]), _fmt(j["dropped"])]
+        for j in (judge_row(r) for r in run["rounds"])]))
+    rows = []
+    for r in run["rounds"]:
+        by_src = pairs_by_source(r) or {}
+        for src, d in _dict(judge_stats(r).get("dropped")).items():
+            d = _dict(d)
+            rows.append([str(r["k"]), str(src), _fmt(by_src.get(src))] + [_fmt(_number(d.get(x))) for x in DROP_REASONS])
+    b.append(("h3", "Pairs dropped by the builders"))
+    b.append(("table", DROP_HEADERS, rows) if rows else ("p", "n/a: no judged pairs in this run."))
+    b.append(("h3", "Judge labels"))
+    b.append(("p", "Comparisons per tenth of P(a better) (p_raw, the mean of both orders), from the summary's "
+                   "label_histogram."))
+    rows = [[str(r["k"])] + [str(x) for x in h] for r in run["rounds"] if (h := label_histogram(r)) is not None]
+    b.append(("table", HIST_HEADERS, rows) if rows else ("p", "n/a: no judged comparisons in this run."))
+    b.append(("img", "judge_labels.png"))
 
     b.append(("h2", "Critique outcomes"))
     b.append(("p", "Statuses of the records in round-k/critique-*.jsonl."))
@@ -422,17 +736,33 @@ def _blocks(run: dict) -> list[tuple]:
     b.append(("p", "Over all rounds. sampled: critique records naming the principle; no change: of those, "
                    "status no_change; revisions: status revise; mean change: mean of 1 - difflib ratio between "
                    "a revise step's input (step 1: the initial response; step s: step s-1's revision, from "
-                   "trajectories.jsonl) and its revision; pairs: pairs.jsonl records naming the principle."))
+                   "trajectories.jsonl) and its revision; pairs: pairs.jsonl records naming the principle, by "
+                   "source; judged / confident: comparisons the judge answered with the principle's question, and "
+                   "those it answered confidently (the round summaries' judge.per_principle), so confident / judged "
+                   "is how often the pairs it judged won."))
     rows = [[name, str(e["sampled"]), str(e["no_change"]), _rate(e["no_change"], e["sampled"]),
-             str(e["revisions"]), _fmt(e["mean_change"], 3), str(e["pairs"])]
+             str(e["revisions"]), _fmt(e["mean_change"], 3), str(e["pairs_by_source"]["revision"]),
+             str(e["pairs_by_source"]["best_of_n"]), _fmt(e["judged"]), _fmt(e["confident"]),
+             _rate(e["confident"], e["judged"]) if e["judged"] is not None else NA]
             for name, e in principle_stats(run).items()]
     b.append(("table", PRINCIPLE_HEADERS, rows) if rows else ("p", "No critique records."))
+
+    b.append(("h2", "Peak memory"))
+    stages, mem_rows = peak_memory(run)
+    kinds = sorted({kind for _, kind, _ in mem_rows if kind})
+    b.append(("p", "GB per stage, from each round's summary (peak_memory_gb). cuda_max_allocated: the GPU's peak "
+                   "allocation during the stage; process_peak_rss: the process's peak resident memory so far (on "
+                   "a CPU Linux reports no per-stage peak, so it only grows). Stages that did not run (resumed) "
+                   "are n/a." + (f" Measured here: {', '.join(kinds)}." if kinds else "")))
+    if stages:
+        b.append(("table", ["round", "measure", *stages],
+                  [[str(k), _fmt(kind)] + [_fmt(mem.get(st), 3) for st in stages] for k, kind, mem in mem_rows]))
+    else:
+        b.append(("p", "n/a: no peak memory recorded in this run."))
 
     b.append(("h2", "Training curves"))
     b.append(("img", "sft_loss.png"))
     b.append(("img", "dpo.png"))
-    b.append(("h2", "Held-out evaluation"))
-    b.append(("img", "eval.png"))
 
     b.append(("h2", "Example trajectories"))
     b.append(("p", f"Up to {EXAMPLES_PER_ROUND} per round from trajectories.jsonl (changed ones first), "
@@ -515,6 +845,7 @@ def build_report(run_dir: str | Path) -> Path:
     plot_sft(run, plot_dir / "sft_loss.png")
     plot_dpo(run, plot_dir / "dpo.png")
     plot_eval(run, plot_dir / "eval.png")
+    plot_judge_labels(run, plot_dir / "judge_labels.png")
     plot_critiques(run, plot_dir / "critique_outcomes.png")
     blocks = _blocks(run)
     md = root / "report.md"
