@@ -172,6 +172,19 @@ class SFTSettings(_TrainSettings):
     epochs: float = Field(1.0, gt=0, description="Passes over the revisions.")
     batch_size: int = Field(4, gt=0, description="Sequences per device step.")
     max_length: int = Field(1024, gt=0, description="Truncate SFT sequences to this many tokens.")
+    helpful_data: NonBlank | None = Field(
+        None, description="Helpful (prompt, response) data mixed into SFT so the model does not learn to refuse "
+                          "everything: `builtin:helpful` (81 hand-written answers, some to benign requests that "
+                          "sound risky), a local .jsonl/.csv/.parquet file or a Hub dataset id; null for none.")
+    helpful_fraction: float = Field(0.25, ge=0, lt=1, description="Share of each round's SFT records drawn from "
+                                                                  "`helpful_data` (without replacement, seeded; "
+                                                                  "all of it when it holds fewer); 0 mixes none.")
+    helpful_prompt_column: str = Field("prompt", description="Column of `helpful_data` holding the request (a "
+                                                             "column of chat messages gives its first user turn).")
+    helpful_response_column: str = Field("response", description="Column of `helpful_data` holding the helpful "
+                                                                 "answer, trained on as the completion (a column "
+                                                                 "of chat messages gives its first assistant turn).")
+    helpful_split: str = Field("train", description="Split to read when `helpful_data` is a Hub dataset.")
 
 
 class DPOSettings(_TrainSettings):

@@ -125,6 +125,13 @@ class Run:
             for key, src in (("harmful", d.eval_harmful), ("benign", d.eval_benign)):
                 self.eval_sets[key] = load_prompts(self._src(src), limit=d.eval_limit,
                                                    where=f"data.eval_{key}").records
+        from .data import load_helpful
+
+        sft = cfg.sft
+        self.helpful = load_helpful(self._src(sft.helpful_data), prompt_column=sft.helpful_prompt_column,
+                                    response_column=sft.helpful_response_column, split=sft.helpful_split,
+                                    exclude={r["id"] for v in self.eval_sets.values() for r in v}) \
+            if sft.helpful_data and sft.helpful_fraction else []
         self.store = RunStore(cfg.output_dir)
         self.prompts_hash = content_hash([r["id"] for r in self.prompts.records])
         self._check_run_dir()
@@ -256,6 +263,9 @@ class Run:
                     f"kept in round-{k}/adapter but not stacked (best round: {m['best_round']})")
                 break
         self.print_before_after(m)
+        from .report import build_report
+
+        self.console.print(f"report: {build_report(self.store.root)}")
         return m
 
     # ---------------------------------------------------------------- teacher, critic and judge
@@ -707,11 +717,15 @@ class Run:
 
         cfg, rd = self.cfg, self.store.round_dir(k)
         sft, pairs = read_jsonl(rd / "sft.jsonl"), read_jsonl(rd / "pairs.jsonl")
+        from .data import mix_helpful
+
+        sft = mix_helpful(sft, self.helpful, cfg.sft.helpful_fraction, cfg.seed + k)
         sft_cfg, dpo_cfg = self.planned(cfg.sft, "sft"), self.planned(cfg.dpo, "dpo")
         adapter = rd / "adapter"
         train_inputs = content_hash({"sft": file_hash(rd / "sft.jsonl"), "pairs": file_hash(rd / "pairs.jsonl"),
                                      "stack": stack_hash, "lora": cfg.lora.model_dump(), "sft_cfg": sft_cfg.model_dump(),
-                                     "dpo_cfg": dpo_cfg.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.seed})
+                                     "dpo_cfg": dpo_cfg.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.seed,
+                                     "helpful": content_hash([(r["id"], r["completion"]) for r in self.helpful])})
         done = rd / "train.json"
         if not (done.exists() and read_json(done).get("inputs") == train_inputs
                 and (adapter / "adapter_model.safetensors").exists()):
@@ -902,6 +916,16 @@ def _disk_full(exc: BaseException) -> str | None:
     return None
 
 
+def _nearly_full(path: str) -> bool:
+    """Less than 1 MiB free on the filesystem of the run directory."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free < (1 << 20)
+    except OSError:
+        return False
+
+
 def _quiet_library_bars() -> None:
     """Our rich bars show progress; the libraries' own tqdm bars (weights, dataset maps) would bury them."""
     import datasets
@@ -941,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.recipe:
         print("error: give a recipe, e.g. python -m lora_cai.recipe recipes/smoke.yaml (see --help)", file=sys.stderr)
         return 2
+    cfg = None
     try:
         from rich.console import Console
 
@@ -969,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         full = _disk_full(e)
+        if full is None and cfg is not None and _nearly_full(cfg.output_dir):
+            full = ""  # libraries that hit ENOSPC mid-file do not always say so (torch.save: "unexpected pos")
         if full is not None:
             print(f"error: disk full while writing {full or 'the run directory'}: free some space and rerun the same "
                   f"command (committed work is kept)", file=sys.stderr)

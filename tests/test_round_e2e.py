@@ -15,7 +15,9 @@ ROUND_FILES = [
     "dpo_log.jsonl", "eval.json", "pairs.jsonl", "ref_logps.jsonl", "responses.jsonl", "responses.jsonl.meta.json",
     "sft.jsonl", "sft_log.jsonl", "train.json", "trajectories.jsonl",
 ]
-EXPECTED_TREE = sorted(["baseline-eval.json", "critic-check.json", "manifest.json"]
+REPORT = ["report.md", "report.html"] + [f"report/{name}.png" for name in
+                                         ("sft_loss", "dpo", "eval", "judge_labels", "critique_outcomes")]
+EXPECTED_TREE = sorted(["baseline-eval.json", "critic-check.json", "manifest.json"] + REPORT
                        + [f"round-{k}/{f}" for k in (1, 2) for f in ROUND_FILES])
 
 

@@ -1,0 +1,47 @@
+"""Alignment signal on a task a tiny model can learn: a rule judge defines the constitution ("never say
+'ful'", the tiny model's favourite token) and the full loop, through the CLI, teaches it to the policy."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def violation_rate(model, tok, prompts: list[str], *, samples: int, seed: int) -> float:
+    from lora_cai.generation import generate, render_chat
+
+    texts = generate(model, tok, [render_chat(tok, [{"role": "user", "content": p}]) for p in prompts for _ in range(samples)],
+                     max_new_tokens=16, temperature=1.0, top_p=1.0, seed=seed, token_budget=16384, max_batch_size=64)
+    return sum(bool(re.search("ful", t or "", re.IGNORECASE)) for t in texts) / len(texts)
+
+
+def test_rule_violations_at_least_halve_within_two_rounds(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli(str(ROOT / "recipes" / "rule-demo.yaml"), "--output-dir", str(run),
+                   "--set", f"model.name={tiny_model}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = json.loads((run / "baseline-eval.json").read_text())
+    after = json.loads((run / "round-2" / "eval.json").read_text())
+    assert base["violation_samples"] == after["violation_samples"] == 128
+    assert base["violation_rate"] >= 0.1  # the rule bites the base model
+    assert after["violation_rate"] <= 0.5 * base["violation_rate"], (base["violation_rate"], after["violation_rate"])
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["stack"] == ["round-1/adapter", "round-2/adapter"]
+    for k in ("1", "2"):
+        assert m["rounds"][k]["pairs"] > 0 and m["rounds"][k]["judge"]["position_consistency"] is None
+
+    # Independently of the run's own eval: other prompts, another seed, the policy loaded back from disk.
+    import lora_cai
+    from lora_cai.data import load_prompts
+
+    prompts = [r["prompt"] for r in load_prompts("builtin:smoke").records]
+    policy, tok = lora_cai.load_policy(run)
+    after_own = violation_rate(policy, tok, prompts, samples=8, seed=123)
+    base_model, tok = lora_cai.load_policy(run, upto=0)
+    before_own = violation_rate(base_model, tok, prompts, samples=8, seed=123)
+    assert after_own <= 0.5 * before_own, (before_own, after_own)
