@@ -89,6 +89,25 @@ def dry_run(cfg) -> None:
     print(f"recipe {cfg.source}: model {cfg.model.name}, {cfg.rounds} round(s), output {cfg.output_dir}")
     print(f"memory plan for a {cfg.vram_gb:g} GB GPU (4-bit={cfg.model.load_in_4bit}, LoRA r={cfg.lora.r}):")
     print(format_plan(estimates))
+    if cfg.judge.kind == "teacher":
+        both = together_gb(cfg)
+        print(f"teacher {cfg.judge.model}: student + teacher at batch 1 ~ {both:.2f} GB: "
+              + ("both stay loaded" if both <= cfg.vram_gb else
+                 "the student is unloaded while the teacher critiques and judges"))
+
+
+def together_gb(cfg) -> float:
+    """The planner's estimate for the student and the local teacher loaded at once (batch 1 each)."""
+    from .offline_models import resolve_model_path
+    from .planner import estimate_generation, load_model_config, model_shape
+
+    total = 0.0
+    for name, q4 in ((cfg.model.name, cfg.model.load_in_4bit), (cfg.judge.model, cfg.judge.load_in_4bit)):
+        if name.startswith("pip:") or name.endswith(".gguf"):
+            name = resolve_model_path(name)
+        total += estimate_generation(model_shape(load_model_config(name)), batch=1, seq_len=cfg.model.max_seq_length,
+                                     load_in_4bit=q4, dtype_bytes=4 if cfg.model.dtype == "float32" else 2).total_gb
+    return total
 
 
 def _print_keys() -> None:
@@ -297,21 +316,11 @@ class Run:
         return self.teacher_model, self.teacher_tokenizer
 
     def fits_with_teacher(self) -> bool:
-        """Student and teacher weights (plus one generation batch each) within vram_gb, by the planner."""
-        from .offline_models import resolve_model_path
-        from .planner import estimate_generation, load_model_config, model_shape
-
-        total = 0.0
-        for name, q4 in ((self.cfg.model.name, self.cfg.model.load_in_4bit), (self.cfg.judge.model, self.cfg.judge.load_in_4bit)):
-            if name.startswith("pip:") or name.endswith(".gguf"):
-                name = resolve_model_path(name)
-            try:
-                shape = model_shape(load_model_config(name))
-            except UserError:
-                return False  # unknown size: do not risk it
-            total += estimate_generation(shape, batch=1, seq_len=self.cfg.model.max_seq_length, load_in_4bit=q4,
-                                         dtype_bytes=4 if self.cfg.model.dtype == "float32" else 2).total_gb
-        return total <= self.cfg.vram_gb
+        """Student and teacher (one generation batch each) within vram_gb, by the planner."""
+        try:
+            return together_gb(self.cfg) <= self.cfg.vram_gb
+        except UserError:
+            return False  # a model of unknown size: do not risk it
 
     def drop_teacher(self) -> None:
         from .models import free
