@@ -222,3 +222,18 @@ def test_api_key_never_written(tiny, serve, tmp_path, monkeypatch):
     for f in tmp_path.rglob("*"):
         if f.is_file():
             assert b"sk-secret-judge-key-123" not in f.read_bytes()
+
+
+@pytest.mark.parametrize("backend", ["transformers", "unsloth"])
+def test_batched_scores_equal_one_at_a_time_in_4bit(tiny_model, backend):
+    """The left-padded batch is exact on both backends' 4-bit inference paths, not only on plain fp32."""
+    from lora_cai import models
+    from lora_cai.config import ModelConfig
+
+    model, tok = models.load_base(ModelConfig(name=str(tiny_model), backend=backend), backend)
+    models.for_inference(model, backend)
+    comps = _comparisons()[:8]
+    convs = [judge_messages(c.question, c.prompt, c.a, c.b) for c in comps]
+    batched = LogprobJudge(model, tok, kind="self", max_batch_size=8).score(convs)
+    single = [LogprobJudge(model, tok, kind="self", max_batch_size=1).score([c])[0] for c in convs]
+    assert batched == pytest.approx(single, abs=1e-5)  # measured: 6e-7 on both
