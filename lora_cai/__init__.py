@@ -21,33 +21,6 @@ __version__ = "0.1.0"
 _DICT_SOURCE = "recipe dict"
 
 
-def _config_from_dict(data: dict, overrides, output_dir):
-    """Validate a recipe given as a dict, with `key.sub=value` overrides, exactly as a YAML recipe would be."""
-    import copy
-
-    import yaml
-    from pydantic import ValidationError
-
-    from .config import RecipeConfig, _format_error, _set_key
-
-    data = copy.deepcopy(data)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r}: expected KEY=VALUE, e.g. rounds=2")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
-        _set_key(data, key.strip(), value, f"override {item}")
-    if output_dir is not None:
-        data["output_dir"] = str(output_dir)
-    try:
-        return RecipeConfig.model_validate(data)
-    except ValidationError as e:
-        raise UserError(_format_error(_DICT_SOURCE, e.errors()[0])) from None
-
-
 def run(recipe, *, overrides=(), output_dir=None) -> dict:
     """Run a recipe's CAI rounds and return the run's manifest (model, backend, adapter stack, per-round counts).
 
@@ -57,14 +30,13 @@ def run(recipe, *, overrides=(), output_dir=None) -> dict:
     """
     from rich.console import Console
 
-    from .config import RecipeConfig, load_recipe
+    from .config import RecipeConfig, load_recipe, recipe_from_dict
     from .recipe import Run
 
     if isinstance(recipe, (dict, RecipeConfig)):
         source = (recipe.source if isinstance(recipe, RecipeConfig) else None) or _DICT_SOURCE
-        cfg = _config_from_dict(recipe if isinstance(recipe, dict) else recipe.model_dump(), list(overrides),
-                                output_dir)
-        object.__setattr__(cfg, "source", source)
+        cfg = recipe_from_dict(recipe if isinstance(recipe, dict) else recipe.model_dump(), list(overrides),
+                               output_dir, source=source, flag="override")
     else:
         cfg = load_recipe(recipe, list(overrides), None if output_dir is None else str(output_dir))
     return Run(cfg, Console()).run()

@@ -308,32 +308,45 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | N
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of keys (model:, data:, ...), got {type(data).__name__}")
+    return recipe_from_dict(data, overrides, output_dir, source=str(path))
+
+
+def recipe_from_dict(data: dict, overrides: list[str] = (), output_dir: str | None = None, *,
+                     source: str = "recipe dict", flag: str = "--set") -> RecipeConfig:
+    """Validate a recipe's keys (a parsed YAML file or a dict from the API) with `key.sub=value` overrides.
+
+    Errors name `source`, or the override that caused them (`{flag} key=value`); relative paths in the
+    recipe resolve against `source`'s folder when it is a file, else the current directory.
+    """
+    import copy
+
+    data = copy.deepcopy(data)
     set_keys: list[tuple[tuple[str, ...], str]] = []  # (key path, the --set argument) to blame in errors
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rounds=2")
+            raise UserError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} rounds=2")
         key, raw = item.split("=", 1)
         set_keys.append((tuple(k.strip() for k in key.split(".")), item))
         try:
             value = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
-        _set_key(data, key.strip(), value, f"--set {item}")
+        _set_key(data, key.strip(), value, f"{flag} {item}")
     if output_dir is not None:
-        data["output_dir"] = output_dir
+        data["output_dir"] = str(output_dir)
     try:
         cfg = RecipeConfig.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = tuple(str(p) for p in err["loc"])
-        source = str(path)
+        where = source
         for key, item in reversed(set_keys):  # a key given on the command line is blamed on its --set
             n = min(len(key), len(loc))
             if n and key[:n] == loc[:n]:
-                source = f"{path}: --set {item}"
+                where = f"{source}: {flag} {item}"
                 break
-        raise UserError(_format_error(source, err)) from None
-    object.__setattr__(cfg, "source", str(path))
+        raise UserError(_format_error(where, err)) from None
+    object.__setattr__(cfg, "source", source)
     return cfg
 
 

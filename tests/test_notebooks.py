@@ -179,7 +179,7 @@ def test_run_dict_mistakes_are_one_line_user_errors(tmp_path, monkeypatch):
     recipe = _dict_recipe(tmp_path / "no-model")
     cases = [
         (dict(recipe, rounds=0), {}, r"^recipe dict: key 'rounds': .*greater than or equal to 1"),
-        (recipe, {"overrides": ["sft.lr=3"]}, r"^recipe dict: unknown key 'sft\.lr'"),
+        (recipe, {"overrides": ["sft.lr=3"]}, r"^recipe dict: override sft\.lr=3: unknown key 'sft\.lr'"),
         (recipe, {"overrides": ["rounds"]}, r"expected KEY=VALUE"),
         (dict(recipe, constitution="mine.yaml"), {}, r"^recipe dict: constitution mine\.yaml: file not found"),
     ]
