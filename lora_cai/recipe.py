@@ -222,6 +222,10 @@ class Run:
             return
         from . import models
 
+        if self.teacher_model is not None and not self.fits_with_teacher():
+            self.console.log("unloading the teacher to make room for the student")
+            self.drop_teacher()
+
         if self.backend is None:
             self.backend = models.resolve_backend(self.cfg.model.backend)
             _quiet_library_bars()

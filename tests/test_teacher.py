@@ -31,10 +31,13 @@ def test_local_teacher_critiques_and_judges_with_the_student_unloaded(tiny_model
     recipe = _recipe(tmp_path, tiny_model, critic="teacher", vram_gb="0.001",
                      judge=f"{{kind: teacher, model: {teacher_model}}}",
                      pairs="{builder: mix, n_samples: 3, judge_revisions: true}",
-                     eval="{capability_limit: 0, critic_check: false}")
+                     eval="{capability_limit: 0, critic_check: true, early_stop_drop: null}")
     proc = run_cli(str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unloading the student to make room for the teacher" in proc.stderr
+    # the critic check ran on the teacher before the baseline eval, which needs the student back
+    assert "unloading the teacher to make room for the student" in proc.stderr
+    assert json.loads((tmp_path / "run" / "critic-check.json").read_text())["n_harmful"] == 6
     rd = tmp_path / "run" / "round-1"
 
     # The critiques are the teacher's: the same greedy critiques come out of the teacher model directly.
