@@ -451,19 +451,13 @@ class Run:
 
         e = self.cfg.eval
         gen = self.generator(k, stack_paths, local=True)
-        policy = (self.model, self.tokenizer)
-        judge = None
-
-        def refusal_judge(items):
-            nonlocal judge
-            if judge is None:
-                judge = self.judge(k, stack_paths)[0]
-            return J.classify_refusals(judge, items)
-
-        with make_progress(console=self.console, transient=True) as progress:
-            result = evaluate(gen, self.eval_sets.get("harmful", []), self.eval_sets.get("benign", []),
-                              max_new_tokens=e.max_new_tokens, progress=progress,
-                              refusal_judge=None if self.cfg.judge.kind == "rule" else refusal_judge)
+        extra: dict = {}
+        # Everything that needs the policy first: a local teacher judge may have to replace it in memory.
+        if e.capability and e.capability_limit:
+            items = load_capability(e.capability if e.capability.startswith("builtin:") else self.cfg.resolve(e.capability),
+                                    e.capability_limit)
+            cap = capability_accuracy(self.model, self.tokenizer, items)
+            extra["capability"] = {"accuracy": cap["accuracy"], "n": cap["n"]}
         if self.cfg.judge.kind == "rule":
             # The policy's own violation rate: VIOLATION_SAMPLES sampled answers per held-out prompt, fixed seed.
             rules = J.RuleJudge.from_file(self.cfg.resolve(self.cfg.judge.rules))
@@ -473,13 +467,24 @@ class Run:
                                    max_new_tokens=g.max_new_tokens, temperature=g.temperature or 0.7, top_p=g.top_p,
                                    seed=self.cfg.seed)
             answers = [a for a in answers if a is not None]
-            result["violation_rate"] = (sum(rules.violations(a) > 0 for a in answers) / len(answers)) if answers else None
-            result["violation_samples"] = len(answers)
-        if e.capability and e.capability_limit:
-            items = load_capability(e.capability if e.capability.startswith("builtin:") else self.cfg.resolve(e.capability),
-                                    e.capability_limit)
-            cap = capability_accuracy(*policy, items)
-            result["capability"] = {"accuracy": cap["accuracy"], "n": cap["n"]}
+            extra["violation_rate"] = (sum(rules.violations(a) > 0 for a in answers) / len(answers)) if answers else None
+            extra["violation_samples"] = len(answers)
+        judge = None
+
+        def refusal_judge(items):  # called once the held-out answers are in
+            nonlocal judge
+            if judge is None:
+                if self.cfg.judge.kind == "teacher" and not self.fits_with_teacher():
+                    gen.model = None  # release the policy (nothing needs it any more) before the teacher loads
+                    self.drop_model()
+                judge = self.judge(k, stack_paths)[0]
+            return J.classify_refusals(judge, items)
+
+        with make_progress(console=self.console, transient=True) as progress:
+            result = evaluate(gen, self.eval_sets.get("harmful", []), self.eval_sets.get("benign", []),
+                              max_new_tokens=e.max_new_tokens, progress=progress,
+                              refusal_judge=None if self.cfg.judge.kind == "rule" else refusal_judge)
+        result.update(extra)
         if e.win_rate and previous is not None:
             result["win_rate"] = self._win_rate(k, stack_paths, result["samples"], previous["samples"])
         return result
