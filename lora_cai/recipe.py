@@ -82,9 +82,7 @@ def dry_run(cfg) -> None:
     from .offline_models import resolve_model_path
     from .planner import format_plan, load_model_config, plan_recipe
 
-    name = cfg.model.name
-    if name.startswith("pip:") or name.endswith(".gguf"):
-        name = resolve_model_path(name)
+    name = resolve_model_path(cfg.model.name)
     estimates = plan_recipe(cfg, cfg.vram_gb, model_config=load_model_config(name), device="cuda")
     print(f"recipe {cfg.source}: model {cfg.model.name}, {cfg.rounds} round(s), output {cfg.output_dir}")
     print(f"memory plan for a {cfg.vram_gb:g} GB GPU (4-bit={cfg.model.load_in_4bit}, LoRA r={cfg.lora.r}):")
@@ -103,8 +101,7 @@ def together_gb(cfg) -> float:
 
     total = 0.0
     for name, q4 in ((cfg.model.name, cfg.model.load_in_4bit), (cfg.judge.model, cfg.judge.load_in_4bit)):
-        if name.startswith("pip:") or name.endswith(".gguf"):
-            name = resolve_model_path(name)
+        name = resolve_model_path(name)
         total += estimate_generation(model_shape(load_model_config(name)), batch=1, seq_len=cfg.model.max_seq_length,
                                      load_in_4bit=q4, dtype_bytes=4 if cfg.model.dtype == "float32" else 2).total_gb
     return total
@@ -154,11 +151,12 @@ class Run:
         self.store = RunStore(cfg.output_dir)
         self.prompts_hash = content_hash([r["id"] for r in self.prompts.records])
         self._check_run_dir()
+        self.rules = None  # the rule judge, read once: a broken rules file fails now, not after hours
         if cfg.judge.kind == "rule":
             from .judge import RuleJudge
 
             try:
-                RuleJudge.from_file(cfg.resolve(cfg.judge.rules))  # a broken rules file fails now, not after hours
+                self.rules = RuleJudge.from_file(cfg.resolve(cfg.judge.rules))
             except UserError as e:
                 raise UserError(f"{cfg.source}: judge.rules: {e}") from None
         self.backend = None
@@ -362,7 +360,7 @@ class Run:
 
         j, g = self.cfg.judge, self.cfg.generation
         if j.kind == "rule":
-            return J.RuleJudge.from_file(self.cfg.resolve(j.rules)), None
+            return self.rules, None
         if j.kind == "api":
             client = self.judge_client()
             cot = APIGenerator(client, batch_size=max(j.concurrency * 4, 1)) if j.chain_of_thought else None
@@ -460,14 +458,13 @@ class Run:
             extra["capability"] = {"accuracy": cap["accuracy"], "n": cap["n"]}
         if self.cfg.judge.kind == "rule":
             # The policy's own violation rate: VIOLATION_SAMPLES sampled answers per held-out prompt, fixed seed.
-            rules = J.RuleJudge.from_file(self.cfg.resolve(self.cfg.judge.rules))
             g = self.cfg.generation
             prompts = [r["prompt"] for r in self.eval_sets.get("harmful", []) + self.eval_sets.get("benign", [])]
             answers = gen.generate([[{"role": "user", "content": p}] for p in prompts for _ in range(VIOLATION_SAMPLES)],
                                    max_new_tokens=g.max_new_tokens, temperature=g.temperature or 0.7, top_p=g.top_p,
                                    seed=self.cfg.seed)
             answers = [a for a in answers if a is not None]
-            extra["violation_rate"] = (sum(rules.violations(a) > 0 for a in answers) / len(answers)) if answers else None
+            extra["violation_rate"] = (sum(self.rules.violations(a) > 0 for a in answers) / len(answers)) if answers else None
             extra["violation_samples"] = len(answers)
         judge = None
 
@@ -571,12 +568,9 @@ class Run:
         responses = stage.records()
         summary["responses"] = sum(r["response"] is not None for r in responses)
         summary["skipped_too_long"] = sum(r["response"] is None for r in responses)
-        if cfg.judge.kind == "rule":
-            from .judge import RuleJudge
-
-            rules = RuleJudge.from_file(cfg.resolve(cfg.judge.rules))
+        if self.rules is not None:
             texts = [r["response"] for r in responses if r["response"] is not None]
-            summary["response_violation_rate"] = (sum(rules.violations(t) > 0 for t in texts) / len(texts)
+            summary["response_violation_rate"] = (sum(self.rules.violations(t) > 0 for t in texts) / len(texts)
                                                   if texts else None)
         return responses
 
@@ -793,8 +787,7 @@ class Run:
             return settings  # no VRAM budget to fit on a CPU
         name = self.cfg.model.name
         try:
-            if name.startswith("pip:") or name.endswith(".gguf"):
-                name = resolve_model_path(name)
+            name = resolve_model_path(name)
             fitted = fit_training_settings(self.cfg, settings, stage, load_model_config(name))
         except UserError as e:
             self.console.log(f"planner: {e}; keeping the recipe's {stage} batch")
