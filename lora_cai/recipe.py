@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rerun STAGE ({', '.join(RESTARTABLE)}) of round --round and everything after it; the "
                         f"superseded files are moved to DIR/superseded-<time>/, not deleted")
     p.add_argument("--round", type=int, default=1, metavar="K", help="the round --restart-from starts at (default 1)")
+    p.add_argument("--stop-before", choices=("train",), metavar="train",
+                   help="stop where the next untrained round's training would start (its data committed), to train "
+                        "it on several GPUs with `accelerate launch -m lora_cai.train RECIPE`; rerun to go on")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print the memory plan per stage for vram_gb; load no model")
     return p
@@ -117,6 +120,14 @@ def _print_keys() -> None:
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
+
+class StopBeforeTrain(Exception):
+    """Raised where round k's training would start under --stop-before train."""
+
+    def __init__(self, k: int):
+        super().__init__(k)
+        self.k = k
+
 
 class Run:
     """One recipe's run: its inputs (validated up front), its store, and the model loaded lazily per round."""
@@ -164,6 +175,7 @@ class Run:
         self.teacher_model = self.teacher_tokenizer = None
         self.frozen: list[str] = []
         self.worked = False
+        self.stop_before_train = False  # --stop-before train: end the run where a round's training would start
 
     def _src(self, src: str) -> str:
         return src if src.startswith("builtin:") or not Path(self.cfg.resolve(src)).exists() else self.cfg.resolve(src)
@@ -258,7 +270,15 @@ class Run:
                 self.baseline_eval(stack_paths, stack_hash)
                 base = self.store.root / "baseline-eval.json"
                 scores[0] = quality_score(read_json(base)) if base.exists() else None
-            summary = self.run_round(k, stack_paths, stack_hash)
+            try:
+                summary = self.run_round(k, stack_paths, stack_hash)
+            except StopBeforeTrain:
+                self.drop_model()
+                self.drop_teacher()
+                self.console.print(
+                    f"round {k}: data ready ({self.store.round_dir(k)}/sft.jsonl, pairs.jsonl); train it with "
+                    f"[bold]accelerate launch -m lora_cai.train {self.cfg.source}[/], then rerun this command")
+                return m
             scores[k] = quality_score(summary["eval"]) if "eval" in summary else None
             summary["quality"] = scores[k]
             stopped = early_stop(scores[k - 1], scores[k], self.cfg.eval.early_stop_drop)
@@ -741,11 +761,21 @@ class Run:
         done = rd / "train.json"
         if not (done.exists() and read_json(done).get("inputs") == train_inputs
                 and (adapter / "adapter_model.safetensors").exists()):
+            # Under `accelerate launch -m lora_cai.train` every process trains its shard of each batch and only
+            # the main one writes; the effective batch of the recipe is kept where grad_accum divides by the
+            # number of processes (the input hash above uses the recipe's settings, so a later single-process
+            # rerun of the recipe finds this training done).
+            if self.stop_before_train:
+                raise StopBeforeTrain(k)
+            main, world = training.rank() == 0, training.world_size()
+            sft_cfg, dpo_cfg = _per_process(sft_cfg, world), _per_process(dpo_cfg, world)
             self.worked = True
             ckpt = rd / "checkpoints"
-            if (ckpt / "inputs.json").exists() and read_json(ckpt / "inputs.json").get("inputs") != train_inputs:
-                shutil.rmtree(ckpt)  # checkpoints of other inputs: stale
-            atomic_write_json(ckpt / "inputs.json", {"inputs": train_inputs})
+            if main:
+                if (ckpt / "inputs.json").exists() and read_json(ckpt / "inputs.json").get("inputs") != train_inputs:
+                    shutil.rmtree(ckpt)  # checkpoints of other inputs: stale
+                atomic_write_json(ckpt / "inputs.json", {"inputs": train_inputs})
+            training.barrier(world)
             self.ensure_model(k, stack_paths)
             models.for_training(self.model, self.backend)
             log_kw = {"report_to": list(cfg.report_to), "logging_dir": self.store.root / "logs" / f"round-{k}"}
@@ -758,21 +788,26 @@ class Run:
                     sft_log = training.train_sft(self.model, self.tokenizer, sft, sft_cfg, ckpt / "sft",
                                                  seed=cfg.seed + k, frozen=self.frozen, console=self.console,
                                                  desc=f"round {k} SFT", **log_kw)
-                    training.write_log(ckpt / "sft_log.jsonl", sft_log)
-                    models.save_adapter(self.model, sft_done)
+                    if main:
+                        training.write_log(ckpt / "sft_log.jsonl", sft_log)
+                        models.save_adapter(self.model, sft_done)
+                    training.barrier(world)
                 dpo_log, ref = [], []
                 if pairs:
                     dpo_log, ref = training.train_dpo(self.model, self.tokenizer, pairs, dpo_cfg,
                                                       ckpt / "dpo", seed=cfg.seed + k, frozen=self.frozen,
                                                       console=self.console, desc=f"round {k} DPO", **log_kw)
-            write_jsonl_atomic(rd / "ref_logps.jsonl", ref)
-            training.write_log(rd / "sft_log.jsonl", sft_log)
-            training.write_log(rd / "dpo_log.jsonl", dpo_log)
-            models.save_adapter(self.model, adapter)
-            atomic_write_json(done, {"inputs": train_inputs,
-                                     "sft": training.summarize(sft_log), "dpo": training.summarize(dpo_log)})
+            if main:
+                write_jsonl_atomic(rd / "ref_logps.jsonl", ref)
+                training.write_log(rd / "sft_log.jsonl", sft_log)
+                training.write_log(rd / "dpo_log.jsonl", dpo_log)
+                models.save_adapter(self.model, adapter)
+                atomic_write_json(done, {"inputs": train_inputs,
+                                         "sft": training.summarize(sft_log), "dpo": training.summarize(dpo_log)})
+            training.barrier(world)
         tr = read_json(done)
-        shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # the adapter and train.json are committed
+        if training.rank() == 0:
+            shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # the adapter and train.json are committed
         summary["sft"], summary["dpo"] = tr["sft"], tr["dpo"]
         return adapter
 
@@ -905,6 +940,13 @@ def _peak(summary: dict, stage: str):
         summary["peak_memory_kind"] = kind
 
 
+def _per_process(settings, world: int):
+    """The recipe's effective batch split over `world` processes (grad_accum divided where it divides)."""
+    if world > 1 and settings.grad_accum % world == 0:
+        return settings.model_copy(update={"grad_accum": settings.grad_accum // world})
+    return settings
+
+
 def _file_or_none(path: str) -> str | None:
     from .store import file_hash
 
@@ -994,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
             if dest:
                 console.print(f"restarting from round {args.round} {args.restart_from}: superseded files moved to {dest}")
         run = Run(cfg, console)
+        run.stop_before_train = args.stop_before == "train"
         run.run()
         console.print(f"run directory: {cfg.output_dir}")
         return 0

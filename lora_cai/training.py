@@ -98,6 +98,22 @@ def install_logprob_fallback() -> None:
     trl_utils._ChunkedLogProbFunction = _Dispatch
 
 
+def rank() -> int:
+    """This process's rank under `accelerate launch`/torchrun (0 when run plainly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
 def _precision_args(model) -> dict:
     import torch
 
@@ -165,6 +181,7 @@ def _common_args(settings, out_dir: Path, seed: int, model, report_to: str | Seq
         save_total_limit=1, save_only_model=False, report_to=report_to or "none", seed=seed,
         data_seed=seed, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
         gradient_checkpointing=torch.cuda.is_available(), disable_tqdm=True, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # frozen adapters do not require grad, so DDP never waits on them
         **_precision_args(model),
     )
 
@@ -454,6 +471,20 @@ def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
             row["p_chosen"] = _pair_probability(p)
         rows.append(row)
     ds = Dataset.from_list(rows)
+    world = world_size()
+    if world > 1:
+        # TRL caches the reference log-probs in a file beside the dataset's own, which for an in-memory dataset
+        # is a per-process temp dir: the other processes then cannot open the main one's file. On disk it is shared.
+        import shutil
+
+        from datasets import load_from_disk
+
+        data_dir = Path(out_dir) / "data"
+        if rank() == 0:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            ds.save_to_disk(str(data_dir))
+        barrier(world)
+        ds = load_from_disk(str(data_dir))
     args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.beta,
                      precompute_ref_log_probs=True, dataset_num_proc=None)
     with _logging_dir(args.report_to, logging_dir):
