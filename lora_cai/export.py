@@ -2,6 +2,7 @@
 
     python -m lora_cai.export RUN_DIR --out OUT [--upto K] [--dtype bfloat16|float16|float32]
                               [--gguf QUANT] [--push-to-hub REPO_ID] [--backend auto|transformers|unsloth]
+    python -m lora_cai.export RUN_DIR --out OUT --single-adapter [--upto K] [--push-to-hub REPO_ID]
 
 The base is loaded in 4-bit exactly as the run trained it (the manifest's model settings and backend),
 each NF4 weight is dequantized with bitsandbytes into float32 on the CPU, so the merged model starts
@@ -16,6 +17,11 @@ base, which then loads re-quantized to 4-bit with one adapter fewer per round. M
 change, bf16 rounding), but re-quantizing to NF4 snaps most weights back onto the grid they came from and
 undoes 96 % of the adapters' change when their deltas are small next to the NF4 step, which trained
 deltas usually are. Load a fold with `load_in_4bit: false` where memory allows.
+
+`--single-adapter` writes the stack as one PEFT adapter instead, for servers that apply one LoRA per
+request (vLLM `--lora-modules`, SGLang, TGI, LoRAX): since a stack computes W + sum_i s_i B_i A_i, the
+adapter with A = [A_1; ...; A_n] and B = [s_1 B_1, ..., s_n B_n] (rank sum r_i, scaling 1) computes exactly
+the same. It reads only the adapter files (no base model loads), in seconds.
 
 GGUF goes only through Unsloth's `save_pretrained_gguf`, in a separate process (Unsloth must be imported
 before transformers). It fetches and builds llama.cpp, so it needs the network the first time; where
@@ -222,6 +228,63 @@ def export_run(run_dir: Path, out: Path, *, upto: int | None = None, dtype: str 
     return _save(model, tokenizer, out, dtype, info)
 
 
+def single_adapter(adapter_dirs: list[Path], out: Path) -> Path:
+    """The stack `adapter_dirs` as one LoRA adapter of rank sum(r_i) at `out` (float32); returns `out`.
+
+    Written by hand on the safetensors because PEFT's `add_weighted_adapter(combination_type="cat")`, which
+    does this concatenation, needs the base model loaded (and keeps the first adapter's rsLoRA flag, whose
+    scaling alpha/sqrt(r) would then be wrong for alpha = r).
+    """
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: already exists and is not empty; choose another path or remove it")
+    configs, tensors, scales = [], [], []
+    for d in adapter_dirs:
+        cfg_path, weights = Path(d) / "adapter_config.json", Path(d) / "adapter_model.safetensors"
+        if not (cfg_path.is_file() and weights.is_file()):
+            raise UserError(f"{d}: not a PEFT adapter folder (adapter_config.json or adapter_model.safetensors "
+                            f"missing); the run directory is damaged: restore it, or export fewer with --upto")
+        c = json.loads(cfg_path.read_text())
+        if c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern") or c.get("modules_to_save"):
+            raise UserError(f"{cfg_path}: DoRA, per-module ranks or modules_to_save cannot be concatenated; "
+                            f"export a merged checkpoint instead (drop --single-adapter)")
+        configs.append(c)
+        tensors.append(load_file(str(weights)))
+        scales.append(c["lora_alpha"] / (math.sqrt(c["r"]) if c.get("use_rslora") else c["r"]))
+    suffix_a, suffix_b = ".lora_A.weight", ".lora_B.weight"
+    modules = sorted({k[:-len(suffix_a)] for t in tensors for k in t if k.endswith(suffix_a)})
+    merged = {}
+    for m in modules:
+        have = [t for t in tensors if m + suffix_a in t]
+        in_features, out_features = have[0][m + suffix_a].shape[1], have[0][m + suffix_b].shape[0]
+        a_blocks, b_blocks = [], []
+        for t, c, s in zip(tensors, configs, scales):
+            if m + suffix_a in t:  # a module one adapter does not target contributes zero blocks
+                a_blocks.append(t[m + suffix_a].float())
+                b_blocks.append(t[m + suffix_b].float() * s)
+            else:
+                a_blocks.append(torch.zeros(c["r"], in_features))
+                b_blocks.append(torch.zeros(out_features, c["r"]))
+        merged[m + suffix_a] = torch.cat(a_blocks, 0).contiguous()
+        merged[m + suffix_b] = torch.cat(b_blocks, 1).contiguous()
+    rank = sum(c["r"] for c in configs)
+    targets = sorted({t for c in configs for t in c.get("target_modules") or []})
+    config = dict(configs[0], r=rank, lora_alpha=rank, use_rslora=False, target_modules=targets, lora_dropout=0.0)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    save_file(merged, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    shutil.move(str(tmp), str(out))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # GGUF and the Hub
 # --------------------------------------------------------------------------------------------------
@@ -313,6 +376,9 @@ def build_parser():
                    help="upload OUT to this Hub repository (created private if new); token from HF_TOKEN")
     p.add_argument("--backend", default=None, choices=("auto", "transformers", "unsloth"),
                    help="loader for the 4-bit base (default: the run's own backend)")
+    p.add_argument("--single-adapter", action="store_true",
+                   help="write OUT as one PEFT adapter that computes the whole stack (rank = the sum of the ranks), "
+                        "for servers taking one LoRA per request (vLLM --lora-modules); loads no model")
     return p
 
 
@@ -326,6 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         api = _hub_api(args.push_to_hub) if args.push_to_hub else None  # fail before the slow merge
+        if args.single_adapter:
+            if args.gguf:
+                raise UserError("--gguf needs a merged checkpoint; drop --single-adapter")
+            _, adapters, _ = read_run(Path(args.run_dir), args.upto)
+            out = single_adapter(adapters, Path(args.out))
+            rank = json.loads((out / "adapter_config.json").read_text())["r"]
+            print(f"one adapter for the stack of {len(adapters)} (rank {rank}): {out}", file=sys.stderr)
+            if api is not None:
+                print(f"pushed: {push_to_hub(api, out, args.push_to_hub)}", file=sys.stderr)
+            return 0
         out = export_run(Path(args.run_dir), Path(args.out), upto=args.upto, dtype=args.dtype, backend=args.backend)
         print(f"merged checkpoint ({args.dtype}): {out}", file=sys.stderr)
         if args.gguf:

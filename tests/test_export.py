@@ -226,3 +226,53 @@ def test_gguf_through_unsloth_or_a_one_line_reason(exported, tmp_path):
     assert err.startswith("error: --gguf q8_0: Unsloth's save_pretrained_gguf failed (")
     assert "needs the network" in err and f"the merged checkpoint in {out} is complete" in err
     assert not (out / "gguf").exists()
+
+
+def test_single_adapter_computes_the_whole_stack(exported, policy_logits, tiny_model, tmp_path):
+    """One adapter of rank 8 + 8 = 16 on the 4-bit base equals the two stacked adapters. Tolerance as for the
+    merge: only fp32 summation order differs (measured max |diff| below 1e-5 of the largest logit)."""
+    from peft import PeftModel
+
+    run, _ = exported
+    proc = cli(str(run), "--out", str(tmp_path / "one"), "--single-adapter")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "one adapter for the stack of 2 (rank 16)" in proc.stderr
+    config = json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (16, 16, False)
+    base, tok = models.load_base(ModelConfig(name=str(tiny_model), backend="transformers"), "transformers")
+    one = PeftModel.from_pretrained(base, str(tmp_path / "one")).eval()
+    stacked, bare = policy_logits
+    got = logits(one, tok)
+    scale = stacked.abs().max()
+    assert (got - stacked).abs().max() <= 1e-4 * scale
+    assert (stacked - bare).abs().max() > 1e3 * 1e-4 * scale
+    code = export.main([str(run), "--out", str(tmp_path / "one"), "--single-adapter"])
+    assert code == 2  # OUT taken: one line, as every export error
+
+
+def test_single_adapter_fills_modules_an_adapter_does_not_target_with_zeros(tiny_model, tmp_path):
+    """Round 1 adapts q_proj only, round 2 v_proj only (rsLoRA scaling): the union, each where it was."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cfg = ModelConfig(name=str(tiny_model), backend="transformers", load_in_4bit=False)
+    dirs = []
+    for k, (target, rslora) in enumerate(((["q_proj"], False), (["v_proj"], True)), 1):
+        base, tok = models.load_base(cfg, "transformers")
+        peft_model = get_peft_model(base, LoraConfig(r=4 * k, lora_alpha=8, target_modules=target, use_rslora=rslora))
+        gen = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.data = torch.randn(p.shape, generator=gen) * 0.3
+        dirs.append(tmp_path / f"a{k}")
+        peft_model.save_pretrained(dirs[-1])
+    base, tok = models.load_base(cfg, "transformers")
+    stack = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name="r1")
+    stack.load_adapter(str(dirs[1]), adapter_name="r2")
+    stack.base_model.set_adapter(["r1", "r2"])
+    want = logits(stack.eval(), tok)
+    out = export.single_adapter(dirs, tmp_path / "one")
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    base, tok = models.load_base(cfg, "transformers")
+    got = logits(PeftModel.from_pretrained(base, str(out)).eval(), tok)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
