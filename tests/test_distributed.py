@@ -82,3 +82,16 @@ def test_accelerate_launch_trains_a_round_the_recipe_then_stacks(tiny_model, tmp
 
     proc = _train(str(recipe))  # all rounds done
     assert proc.returncode == 2 and "all 2 round(s)" in proc.stderr
+
+
+def test_train_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    from lora_cai import recipe, train
+
+    for argv, want in (([], "the following arguments are required: recipe"),
+                       ([str(tmp_path / "nope.yaml")], "recipe file not found")):
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and want in err, err
+    assert recipe.main([str(tmp_path / "nope.yaml"), "--stop-before", "eval"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--stop-before: invalid choice: 'eval'" in err, err
