@@ -19,6 +19,10 @@ the last line, `speedup: X.X`.
     python benchmarks/bench_judge.py --fixed --verdict-tokens 32      # the tiny random model
 
 Without --model the tiny random chat model is built into a temp dir. Not a timed test (target >= 10x).
+
+Measured on 2 CPU cores, SmolLM2-135M in float32: `speedup: 10.8` with the default 64 comparisons
+(verdicts 61 tokens on average, 115/128 name an option; 362.9 s vs 33.6 s), 9.9 with 32 comparisons. The
+gain is set by how long the verdicts run: a batch decodes until its longest verdict ends.
 """
 
 from __future__ import annotations
