@@ -206,6 +206,20 @@ def read_run(run_dir: Path, upto: int | None):
     return model_cfg, adapters, manifest.get("backend") or "auto"
 
 
+def _check_adapters(adapters: list[Path]) -> None:
+    for path in adapters:
+        if not ((path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()):
+            raise UserError(f"{path}: not a PEFT adapter folder (adapter_config.json or adapter_model.safetensors "
+                            f"missing); the run directory is damaged: restore it, or export fewer adapters with --upto")
+
+
+def _check_out(out: Path) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: already exists and is not empty; choose another path or remove it")
+    return out
+
+
 def export_run(run_dir: Path, out: Path, *, upto: int | None = None, dtype: str = "bfloat16",
                backend: str | None = None) -> Path:
     """Merge a run's stack (1..upto) into a `dtype` checkpoint at `out`; returns `out`."""
@@ -214,13 +228,8 @@ def export_run(run_dir: Path, out: Path, *, upto: int | None = None, dtype: str 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     model_cfg, adapters, run_backend = read_run(run_dir, upto)
-    for path in adapters:
-        if not (path / "adapter_config.json").is_file():
-            raise UserError(f"{path}: not a PEFT adapter folder (adapter_config.json missing); the run directory is "
-                            f"damaged: restore it, or export fewer adapters with --upto")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: already exists and is not empty; choose another path or remove it")
+    _check_adapters(adapters)
+    out = _check_out(out)
     chosen = resolve_backend(backend or run_backend)
     model, tokenizer = merged_model(model_cfg, adapters, backend=chosen)
     info = _info("export", model_cfg, adapters, dtype, stack=[p.relative_to(run_dir).as_posix() for p in adapters],
@@ -240,15 +249,11 @@ def single_adapter(adapter_dirs: list[Path], out: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: already exists and is not empty; choose another path or remove it")
+    out = _check_out(out)
+    _check_adapters(adapter_dirs)
     configs, tensors, scales = [], [], []
     for d in adapter_dirs:
         cfg_path, weights = Path(d) / "adapter_config.json", Path(d) / "adapter_model.safetensors"
-        if not (cfg_path.is_file() and weights.is_file()):
-            raise UserError(f"{d}: not a PEFT adapter folder (adapter_config.json or adapter_model.safetensors "
-                            f"missing); the run directory is damaged: restore it, or export fewer with --upto")
         c = json.loads(cfg_path.read_text())
         if c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern") or c.get("modules_to_save"):
             raise UserError(f"{cfg_path}: DoRA, per-module ranks or modules_to_save cannot be concatenated; "

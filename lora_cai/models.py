@@ -22,8 +22,24 @@ def stack_name(k: int) -> str:
     return f"round-{k}"
 
 
+def rank() -> int:
+    """This process's rank under `accelerate launch`/torchrun (0 when run plainly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
 def _say(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under accelerate/torchrun, one process speaks
+    if rank() == 0:  # under accelerate/torchrun, one process speaks
         print(message, file=sys.stderr)
 
 
@@ -74,8 +90,6 @@ def _prepare_tokenizer(tokenizer):
 
 def _process_device() -> dict:
     """Under `accelerate launch` on GPUs each process holds a whole copy on its own GPU (LOCAL_RANK)."""
-    import os
-
     import torch
 
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available():

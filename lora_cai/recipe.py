@@ -122,11 +122,7 @@ def _print_keys() -> None:
 # --------------------------------------------------------------------------------------------------
 
 class StopBeforeTrain(Exception):
-    """Raised where round k's training would start under --stop-before train."""
-
-    def __init__(self, k: int):
-        super().__init__(k)
-        self.k = k
+    """Raised where a round's training would start under --stop-before train."""
 
 
 class Run:
@@ -176,6 +172,13 @@ class Run:
         self.frozen: list[str] = []
         self.worked = False
         self.stop_before_train = False  # --stop-before train: end the run where a round's training would start
+
+    def stack_state(self, stack: list[str]) -> tuple[list[Path], list[str]]:
+        """The adapter folders of a manifest's `stack` and the hashes of their weights (stage inputs)."""
+        from .store import file_hash
+
+        paths = [self.store.root / s for s in stack]
+        return paths, [file_hash(p / "adapter_model.safetensors") for p in paths]
 
     def _src(self, src: str) -> str:
         return src if src.startswith("builtin:") or not Path(self.cfg.resolve(src)).exists() else self.cfg.resolve(src)
@@ -257,14 +260,13 @@ class Run:
     # ---------------------------------------------------------------- stages
     def run(self) -> dict:
         from .evaluation import early_stop, quality_score
-        from .store import file_hash, read_json
+        from .store import read_json
 
         m = self.manifest()
         stack: list[str] = []
         scores = {}
         for k in range(1, self.cfg.rounds + 1):
-            stack_paths = [self.store.root / s for s in stack]
-            stack_hash = [file_hash(p / "adapter_model.safetensors") for p in stack_paths]
+            stack_paths, stack_hash = self.stack_state(stack)
             if k == 1:
                 self.critic_check(stack_paths)
                 self.baseline_eval(stack_paths, stack_hash)
@@ -476,7 +478,7 @@ class Run:
                                     e.capability_limit)
             cap = capability_accuracy(self.model, self.tokenizer, items)
             extra["capability"] = {"accuracy": cap["accuracy"], "n": cap["n"]}
-        if self.cfg.judge.kind == "rule":
+        if self.rules is not None:
             # The policy's own violation rate: VIOLATION_SAMPLES sampled answers per held-out prompt, fixed seed.
             g = self.cfg.generation
             prompts = [r["prompt"] for r in self.eval_sets.get("harmful", []) + self.eval_sets.get("benign", [])]
@@ -759,15 +761,15 @@ class Run:
                                      "dpo_cfg": dpo_cfg.model_dump(), "model": cfg.model.model_dump(), "seed": cfg.seed,
                                      "helpful": content_hash([(r["id"], r["completion"]) for r in self.helpful])})
         done = rd / "train.json"
+        # Under `accelerate launch -m lora_cai.train` every process trains its shard of each batch and only the
+        # main one writes; the effective batch of the recipe is kept where grad_accum divides by the number of
+        # processes (the input hash above uses the recipe's settings, so a later single-process rerun of the
+        # recipe finds this training done).
+        main, world = models.rank() == 0, models.world_size()
         if not (done.exists() and read_json(done).get("inputs") == train_inputs
                 and (adapter / "adapter_model.safetensors").exists()):
-            # Under `accelerate launch -m lora_cai.train` every process trains its shard of each batch and only
-            # the main one writes; the effective batch of the recipe is kept where grad_accum divides by the
-            # number of processes (the input hash above uses the recipe's settings, so a later single-process
-            # rerun of the recipe finds this training done).
             if self.stop_before_train:
                 raise StopBeforeTrain(k)
-            main, world = training.rank() == 0, training.world_size()
             sft_cfg, dpo_cfg = _per_process(sft_cfg, world), _per_process(dpo_cfg, world)
             self.worked = True
             ckpt = rd / "checkpoints"
@@ -775,7 +777,7 @@ class Run:
                 if (ckpt / "inputs.json").exists() and read_json(ckpt / "inputs.json").get("inputs") != train_inputs:
                     shutil.rmtree(ckpt)  # checkpoints of other inputs: stale
                 atomic_write_json(ckpt / "inputs.json", {"inputs": train_inputs})
-            training.barrier(world)
+            models.barrier(world)
             self.ensure_model(k, stack_paths)
             models.for_training(self.model, self.backend)
             log_kw = {"report_to": list(cfg.report_to), "logging_dir": self.store.root / "logs" / f"round-{k}"}
@@ -791,7 +793,7 @@ class Run:
                     if main:
                         training.write_log(ckpt / "sft_log.jsonl", sft_log)
                         models.save_adapter(self.model, sft_done)
-                    training.barrier(world)
+                    models.barrier(world)
                 dpo_log, ref = [], []
                 if pairs:
                     dpo_log, ref = training.train_dpo(self.model, self.tokenizer, pairs, dpo_cfg,
@@ -804,9 +806,9 @@ class Run:
                 models.save_adapter(self.model, adapter)
                 atomic_write_json(done, {"inputs": train_inputs,
                                          "sft": training.summarize(sft_log), "dpo": training.summarize(dpo_log)})
-            training.barrier(world)
+            models.barrier(world)
         tr = read_json(done)
-        if training.rank() == 0:
+        if main:
             shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # the adapter and train.json are committed
         summary["sft"], summary["dpo"] = tr["sft"], tr["dpo"]
         return adapter

@@ -25,8 +25,6 @@ from .errors import UserError
 
 def pending_round(run) -> tuple[int, list[Path], list[str]]:
     """The round whose data is committed but whose adapter is not stacked yet, with the stack before it."""
-    from .store import file_hash
-
     m = run.store.read_manifest() or {}
     if m.get("stopped_round"):
         raise UserError(f"{run.store.root}: the run stopped early at round {m['stopped_round']} (its quality "
@@ -39,8 +37,7 @@ def pending_round(run) -> tuple[int, list[Path], list[str]]:
     if not ((rd / "sft.jsonl").exists() and (rd / "pairs.jsonl").exists()):
         raise UserError(f"{rd}: round {k}'s data is not there yet; run python -m lora_cai.recipe {run.cfg.source} "
                         f"--stop-before train first")
-    stack_paths = [run.store.root / s for s in m.get("stack", [])]
-    return k, stack_paths, [file_hash(p / "adapter_model.safetensors") for p in stack_paths]
+    return (k, *run.stack_state(m.get("stack", [])))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .recipe import Run
-    from .training import rank, world_size
+    from .models import rank, world_size
 
     parser = build_parser()
 

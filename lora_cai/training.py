@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-from .models import TRAINABLE, active_adapters, set_active, starting_policy
+from .models import TRAINABLE, active_adapters, barrier, rank, set_active, starting_policy, world_size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,22 +96,6 @@ def install_logprob_fallback() -> None:
             return _TorchChunkedLogProb.apply(hidden, *args, **kwargs)
 
     trl_utils._ChunkedLogProbFunction = _Dispatch
-
-
-def rank() -> int:
-    """This process's rank under `accelerate launch`/torchrun (0 when run plainly)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
 
 
 def _precision_args(model) -> dict:
