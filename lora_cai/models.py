@@ -121,7 +121,43 @@ def load_base(model_cfg, backend: str):
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise UserError(f"model.name: cannot load '{model_cfg.name}' ({str(e).splitlines()[0]})") from None
+    keep_4bit_layers_unpacked(model)
     return model, _prepare_tokenizer(tokenizer)
+
+
+def keep_4bit_layers_unpacked(model) -> int:
+    """Keep every bitsandbytes 4-bit layer of `model` on one CPU code path; returns how many layers it holds.
+
+    Why: bitsandbytes 0.50's `Linear4bit.forward`, on a CPU with AVX512-BF16 (`has_avx512bf16()`), repacks the
+    layer's 4-bit weight *in place* at its first forward that is not training and has no grad
+    (`_convert_weight_packed_for_cpu`), and from then on `matmul_4bit` sends the layer to a fused kernel that
+    computes in bfloat16 whatever the compute dtype, in training too, where it has no autograd kernel (torch
+    warns that the input gradient "may be silently incorrect"). Generation, judging, the DPO reference and
+    evaluation would then compute another function than training, which one depending on the order of calls
+    in the process, and the stored base weight would change. With the layer's own switch off, every forward
+    dequantizes and computes in the compute dtype (`model.dtype`), as on every other CPU and as in training.
+
+    What a user gives up: the fused bf16 kernel's speed for no-grad forwards on such CPUs. What they get: the
+    DPO reference equal to the starting policy, a resumed run identical to an uninterrupted one, a base that
+    stays bit-identical across rounds. Who wants bfloat16 on a CPU sets `model.dtype: bfloat16`: every stage,
+    training included, then computes in bfloat16 (the dequantize path), never a silent switch between them.
+    """
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes: no 4-bit layers
+        return 0
+    held = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):  # repacked before we saw it: back to the stored layout
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+        held += 1
+    return held
 
 
 def lora_config(lora):
