@@ -31,7 +31,7 @@ def run(recipe, *, overrides=(), output_dir=None) -> dict:
     from rich.console import Console
 
     from .config import RecipeConfig, load_recipe, recipe_from_dict
-    from .recipe import Run
+    from .rounds import run as run_rounds
 
     if isinstance(recipe, (dict, RecipeConfig)):
         source = (recipe.source if isinstance(recipe, RecipeConfig) else None) or _DICT_SOURCE
@@ -39,7 +39,7 @@ def run(recipe, *, overrides=(), output_dir=None) -> dict:
                                output_dir, source=source, flag="override")
     else:
         cfg = load_recipe(recipe, list(overrides), None if output_dir is None else str(output_dir))
-    return Run(cfg, Console()).run()
+    return run_rounds(cfg, Console())
 
 
 def load_policy(run_dir, **kwargs):

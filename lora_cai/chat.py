@@ -206,41 +206,33 @@ def interactive(session: ChatSession, console, labels: dict[str, str]) -> None:
         print_answers(console, session.ask(text), labels)
 
 
+def _main(args) -> int:
+    _check_options(args)
+    manifest = check_run_dir(args.run_dir, args.upto)
+    from rich.console import Console
+
+    from .models import load_policy
+
+    err = Console(stderr=True, highlight=False)
+    labels = _labels(manifest, args.upto)
+    err.print(_plain(f"loading {labels['policy']} ..."), soft_wrap=True)
+    model, tokenizer = load_policy(args.run_dir, upto=args.upto)
+    session = ChatSession(model, tokenizer, with_base=args.base, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature)
+    if args.base and not session.with_base:
+        err.print(_plain("--base: this policy has no adapters, so it is the base model; showing one answer"))
+    out = Console(highlight=False)
+    if args.prompt is not None:
+        print_answers(out, session.ask(args.prompt), labels)
+    else:
+        interactive(session, out, labels)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    from .cli import main as cli_main
 
-    def _one_line(message: str):  # argparse's own errors print usage + error (two lines); keep the one-line promise
-        raise UserError(f"{message} (see python -m lora_cai.chat --help)")
-
-    parser.error = _one_line
-    try:
-        args = parser.parse_args(argv)
-        _check_options(args)
-        manifest = check_run_dir(args.run_dir, args.upto)
-        from rich.console import Console
-
-        from .models import load_policy
-
-        err = Console(stderr=True, highlight=False)
-        labels = _labels(manifest, args.upto)
-        err.print(_plain(f"loading {labels['policy']} ..."), soft_wrap=True)
-        model, tokenizer = load_policy(args.run_dir, upto=args.upto)
-        session = ChatSession(model, tokenizer, with_base=args.base, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature)
-        if args.base and not session.with_base:
-            err.print(_plain("--base: this policy has no adapters, so it is the base model; showing one answer"))
-        out = Console(highlight=False)
-        if args.prompt is not None:
-            print_answers(out, session.ask(args.prompt), labels)
-        else:
-            interactive(session, out, labels)
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+    return cli_main(build_parser(), _main, argv)
 
 
 # `lora_cai.chat(...)` is also the package's one-answer function (lora_cai/__init__.py). Importing this module

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import UserError
+from .errors import UserError, problems
 
 
 def _not_blank(value: str) -> str:
@@ -275,18 +275,27 @@ def _set_key(data: dict, dotted: str, value: Any, where: str) -> None:
     node[keys[-1]] = value
 
 
-def _format_error(source: str, err: dict) -> str:
+def _blame(loc: tuple[str, ...], set_keys: list[tuple[tuple[str, ...], str]], flag: str) -> str:
+    """'--set KEY=VALUE: ' when the error's key (or a section around it) was given on the command line."""
+    for key, item in reversed(set_keys):
+        n = min(len(key), len(loc))
+        if n and key[:n] == loc[:n]:
+            return f"{flag} {item}: "
+    return ""
+
+
+def _format_error(err: dict) -> str:
     key = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if not key:  # a cross-key rule (model validator): its message names the keys
-        return f"{source}: {err['msg'].removeprefix('Value error, ')}"
+        return err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        return f"{source}: unknown key '{key}' (check its spelling; `python -m lora_cai.recipe --help-keys` lists all keys)"
+        return f"unknown key '{key}' (check its spelling; `python -m lora_cai.recipe --help-keys` lists all keys)"
     if kind == "missing":
-        return f"{source}: missing required key '{key}' (add it; `python -m lora_cai.recipe --help-keys` lists all keys)"
+        return f"missing required key '{key}' (add it; `python -m lora_cai.recipe --help-keys` lists all keys)"
     given = err.get("input")
     shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
-    return f"{source}: key '{key}': {err['msg'].removeprefix('Value error, ')} (got {shown})"
+    return f"key '{key}': {err['msg'].removeprefix('Value error, ')} (got {shown})"
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> RecipeConfig:
@@ -340,15 +349,9 @@ def recipe_from_dict(data: dict, overrides: list[str] = (), output_dir: str | No
     try:
         cfg = RecipeConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(str(p) for p in err["loc"])
-        where = source
-        for key, item in reversed(set_keys):  # a key given on the command line is blamed on its --set
-            n = min(len(key), len(loc))
-            if n and key[:n] == loc[:n]:
-                where = f"{source}: {flag} {item}"
-                break
-        raise UserError(_format_error(where, err)) from None
+        # every problem of the file at once, each blamed on its --set when it came from one
+        found = [_blame(tuple(str(p) for p in err["loc"]), set_keys, flag) + _format_error(err) for err in e.errors()]
+        raise UserError(f"{source}: {problems(found)}") from None
     object.__setattr__(cfg, "source", source)
     return cfg
 

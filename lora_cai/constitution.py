@@ -37,7 +37,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from .errors import UserError
+from .errors import UserError, problems
 
 __all__ = [
     "Demonstration",
@@ -276,6 +276,8 @@ def _load_file(path: Path, label: str) -> Constitution:
         data = yaml.load(raw, Loader=_SafeLoaderNoDuplicates)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise UserError(f"{prefix} {_describe_yaml_error(exc)}") from None
+    if isinstance(data, dict) and "name" not in data:
+        data = {"name": path.stem, **data}  # a constitution without a name is called after its file
     return _parse(data, prefix)
 
 
@@ -295,7 +297,7 @@ def _describe_yaml_error(exc: yaml.YAMLError) -> str:
 def _parse(data: Any, prefix: str) -> Constitution:
     if data is None:
         raise UserError(
-            f"{prefix} the file is empty; it needs at least 'name' and 'principles' "
+            f"{prefix} the file is empty; it needs at least 'principles' "
             "(a list of principles, each with name, critique, revision, judge)"
         )
     if not isinstance(data, dict):
@@ -306,12 +308,8 @@ def _parse(data: Any, prefix: str) -> Constitution:
     try:
         return Constitution.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        message = _describe_validation_error(errors[0], data)
-        more = len(errors) - 1
-        if more:
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        raise UserError(f"{prefix} {message}") from None
+        raise UserError(f"{prefix} {problems([_describe_validation_error(e, data) for e in exc.errors()])}") from None
+
 
 
 # --------------------------------------------------------------------------------------------------

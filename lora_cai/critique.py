@@ -9,11 +9,13 @@ draws the same ones.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import random
+import re
 
 from .constitution import Constitution, Demonstration, Principle
-from .generation import GenerationStats, clean_revision, copies_demonstration
+from .generation import GenerationStats
 from .store import JsonlStage, content_hash
 
 
@@ -152,6 +154,116 @@ def revision_pairs(trajectories: list[dict]) -> list[dict]:
     return pairs
 
 
-def step_inputs_hash(cfg, constitution: Constitution, upstream: str, step: int) -> str:
-    return content_hash({"generation": cfg.generation.model_dump(), "critique": cfg.critique.model_dump(),
-                         "constitution": constitution.hash(), "upstream": upstream, "step": step, "seed": cfg.seed})
+def critique_stage(ctx, inp, responses: list[dict]) -> "Done":
+    """K critique -> revision steps over the round's responses (critique-<s>.jsonl, committed per batch), then
+    the trajectories (trajectories.jsonl) that SFT records and revision pairs are read from.
+
+    Step s works on the prompts step s-1 revised; its input hash chains the stage's hash, the step and the
+    previous step's file, so a resumed step sees exactly the prompts it saw before.
+    """
+    from .generation import make_progress
+    from .stage import Done, peak_memory, timed, tokens_per_s
+    from .store import file_hash, write_jsonl_atomic
+
+    cfg, k, done = ctx.cfg, ctx.k, Done()
+    constitution = ctx.data.constitution
+    stats = GenerationStats()
+    step_records: list[list[dict]] = []
+    upstream = inp.hash
+    current = {r["id"]: r for r in responses if r["response"] is not None}
+    with timed(done.timing):
+        for s in range(1, cfg.critique.steps + 1):
+            items = [{"id": i, "prompt": r["prompt"], "response": r["response"]} for i, r in current.items()]
+            st = JsonlStage(ctx.dir / f"critique-{s}.jsonl", content_hash([upstream, s]))
+            if not st.complete and items:
+                done.ran = True
+                with peak_memory(done.summary, f"critique-{s}"), make_progress(console=ctx.console) as progress:
+                    run_critique_step(ctx.models.critic_generator(cfg, k, ctx.stack).pin(st), constitution, items, s, st,
+                                      cfg=cfg, seed=cfg.seed + k, progress=progress, stats=stats)
+            if not st.complete:
+                done.ran = True
+                st.finish(generation=stats.as_dict())
+            recs = st.records()
+            step_records.append(recs)
+            upstream = content_hash([upstream, file_hash(st.path)])
+            current = {r["id"]: {"prompt": current[r["id"]]["prompt"], "response": r["revision"]}
+                       for r in recs if r["status"] == "revise" and r["revision"]}
+        trajectories = assemble(responses, step_records, constitution)
+        write_jsonl_atomic(ctx.dir / "trajectories.jsonl", trajectories)
+    if done.ran:
+        done.timing["tokens_per_s"] = tokens_per_s(stats)
+    statuses = [r["status"] for recs in step_records for r in recs]
+    done.summary.update({
+        "critiques": len(statuses), "revisions": statuses.count("revise"),
+        "no_change": statuses.count("no_change"), "copied_demonstration": statuses.count("copied_demonstration"),
+        "copied_response": statuses.count("copied_response"), "empty": statuses.count("empty")})
+    done.outputs = trajectories
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-processing of critiques and revisions
+# --------------------------------------------------------------------------------------------------
+
+_COURTESY = r"(?:sure|okay|ok|certainly|of course|absolutely|alright|all right|great|got it|understood)\b[\s,!.:;-]*"
+_REVISION_WORDS = r"(?:revis\w*|rewrit\w*|re-written|edit\w*|version|response|answer|reply)"
+_PREAMBLES = [
+    # "Here is the revised response:", "Sure, here's a rewritten version of the answer that removes ...:",
+    # "I have revised the response to remove the harmful parts:"
+    re.compile(r"^(?:" + _COURTESY + r")?(?:(?:here(?:'s|’s| is| are)|below is|this is)\s+(?:a|an|the|my|your|our)\s+"
+               r"(?:[\w-]+\s+){0,3}?" + _REVISION_WORDS + r"|i(?:'ve|’ve| have)\s+(?:revised|rewritten|edited|updated))"
+               r"\b[^\n:]{0,120}(?::|\n)", re.IGNORECASE),
+    # "Revision:", "Revised response:", "**Rewritten Response:**", "Final revision 2 -"
+    re.compile(r"^(?:\*\*|__|#+\s*)?(?:final\s+|new\s+)?(?:revised|rewritten|improved|updated|edited|corrected)?\s*"
+               r"(?:revision|response|answer|version|reply)(?:\s*\d+)?\s*(?:\*\*|__)?\s*(?::|[-–—](?=\s))\s*(?:\*\*|__)?",
+               re.IGNORECASE),
+    # "Sure!" / "Certainly." alone on the first line, before a label or a body
+    re.compile(r"^" + _COURTESY.replace(r"[\s,!.:;-]*", r"[,!.]*") + r"[ \t]*\n", re.IGNORECASE),
+]
+_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "`": "`"}
+
+
+def clean_revision(text: str) -> str:
+    """Strip conversational preambles ("Here is the revised response:", "Sure, here's a revision:",
+    "Revision:", "Revised response:", ...) and surrounding quotes from a revision; keep the body."""
+    text = (text or "").strip()
+    changed = True
+    while changed and text:
+        changed = False
+        for pattern in _PREAMBLES:
+            match = pattern.match(text)
+            if match and match.end() > 0:
+                text = text[match.end():].strip()
+                changed = True
+        if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+            text = text[1:-1].strip()
+            changed = True
+    return text
+
+
+def _normalize(text: str) -> str:
+    return " ".join((text or "").lower().split())
+
+
+def copies_demonstration(text: str, demonstrations: list[str], *, threshold: float = 0.8) -> bool:
+    """True when `text` is (nearly) a copy of one of the few-shot `demonstrations`.
+
+    Texts are lowercased and whitespace-collapsed; a copy is a difflib ratio >= `threshold`, or one text
+    containing the other when the shorter has at least 8 words. Small models often answer a critique with
+    the last demonstration's words; the caller counts such outputs and keeps them out of training.
+    """
+    norm = _normalize(text)
+    if not norm:
+        return False
+    for demo in demonstrations:
+        d = _normalize(demo)
+        if not d:
+            continue
+        shorter, longer = (norm, d) if len(norm) <= len(d) else (d, norm)
+        if len(shorter.split()) >= 8 and shorter in longer:
+            return True
+        matcher = difflib.SequenceMatcher(None, norm, d, autojunk=False)
+        if matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold \
+                and matcher.ratio() >= threshold:
+            return True
+    return False

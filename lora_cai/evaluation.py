@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, problems
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
@@ -172,31 +172,39 @@ def load_capability(source: str = "builtin:capability", limit: int | None = None
     """
     path, label = _source_path(source, "capability", where, "capability set")
     label = f"{where}: {label}"
-    items, seen = [], set()
+    items, seen, found = [], set(), []
     for n, row in _read_jsonl(path, label):
-        at = f"{label}: line {n}:"
-        if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool) or not str(row["id"]).strip():
-            raise UserError(f"{at} field 'id' is missing or empty; give every question a unique id")
-        if str(row["id"]) in seen:
-            raise UserError(f"{at} field 'id' {row['id']!r} is used twice; ids must be unique")
-        if not _text(row, "question"):
-            raise UserError(f"{at} field 'question' is missing or empty; write the question text")
-        choices = row.get("choices")
-        if (not isinstance(choices, list) or len(choices) < 2
-                or not all(isinstance(c, str) and c.strip() for c in choices)):
-            raise UserError(f"{at} field 'choices' must be a list of at least two non-empty strings")
-        if len({c.strip() for c in choices}) != len(choices):
-            raise UserError(f"{at} field 'choices' repeats a choice; make every choice different")
-        answer = row.get("answer")
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise UserError(f"{at} field 'answer' must be the index of the right choice (0..{len(choices) - 1}), "
-                            f"got {answer!r}")
+        problem = _capability_problem(row, seen)
+        if problem:
+            found.append(f"line {n}: {problem}")
+            continue
         seen.add(str(row["id"]))
         items.append({**row, "id": str(row["id"]), "question": row["question"].strip(),
-                      "choices": [c.strip() for c in choices]})
+                      "choices": [c.strip() for c in row["choices"]]})
+    if found:
+        raise UserError(f"{label}: {problems(found)}")
     if not items:
         raise UserError(f"{label}: holds no questions (one JSON object per line with id, question, choices, answer)")
     return items if limit is None else items[:limit]
+
+
+def _capability_problem(row: dict, seen: set[str]) -> str | None:
+    """What is wrong with one capability item, or None."""
+    if not isinstance(row.get("id"), (str, int)) or isinstance(row.get("id"), bool) or not str(row["id"]).strip():
+        return "field 'id' is missing or empty; give every question a unique id"
+    if str(row["id"]) in seen:
+        return f"field 'id' {row['id']!r} is used twice; ids must be unique"
+    if not _text(row, "question"):
+        return "field 'question' is missing or empty; write the question text"
+    choices = row.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        return "field 'choices' must be a list of at least two non-empty strings"
+    if len({c.strip() for c in choices}) != len(choices):
+        return "field 'choices' repeats a choice; make every choice different"
+    answer = row.get("answer")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        return f"field 'answer' must be the index of the right choice (0..{len(choices) - 1}), got {answer!r}"
+    return None
 
 
 def capability_accuracy(model, tokenizer, items: list[dict], *, batch_size: int = 16) -> dict:
@@ -211,18 +219,18 @@ def capability_accuracy(model, tokenizer, items: list[dict], *, batch_size: int 
     the choice's tokens are those the model would produce after the generation prompt.
 
     Sequences are right-padded (no position shift for the real tokens; the causal mask keeps padding out of
-    them) and run in batches of `batch_size` in eval mode under `torch.inference_mode()`; the model's
-    training mode is restored afterwards. Returns {accuracy, n, scoring, per_item: [{id, pred, answer,
+    them) and run in batches of `batch_size` (halved on out-of-memory) in eval mode without gradients; the
+    model's training mode is restored afterwards. Returns {accuracy, n, scoring, per_item: [{id, pred, answer,
     correct, scores}]}.
     """
     import torch
 
-    from .generation import _context_length, _model_device, render_chat
+    from .generation import context_length, forward_batches, render_chat
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
-    max_len = _context_length(model)
+    max_len = context_length(model)
     seqs = []  # (item index, choice index, context ids, choice ids)
     for i, it in enumerate(items):
         context = render_chat(tokenizer, [{"role": "user", "content": it["question"]}])
@@ -235,28 +243,18 @@ def capability_accuracy(model, tokenizer, items: list[dict], *, batch_size: int 
             seqs.append((i, c, keep, cont))
     order = sorted(range(len(seqs)), key=lambda s: -(len(seqs[s][2]) + len(seqs[s][3])))
     logprob = [0.0] * len(seqs)
-    device = _model_device(model)
     was_training = bool(getattr(model, "training", False))
     model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                width = max(len(seqs[s][2]) + len(seqs[s][3]) for s in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, s in enumerate(batch):  # right padding
-                    ids = seqs[s][2] + seqs[s][3]
-                    input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-                    attention[row, :len(ids)] = 1
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                               use_cache=False).logits
-                for row, s in enumerate(batch):
-                    n_ctx, cont = len(seqs[s][2]), seqs[s][3]
-                    # the logits at position p predict token p + 1
-                    lp = torch.log_softmax(logits[row, n_ctx - 1:n_ctx - 1 + len(cont)].float(), dim=-1)
-                    target = torch.tensor(cont, dtype=torch.long, device=lp.device)
-                    logprob[s] = float(lp.gather(1, target[:, None]).sum())
+    try:  # right padding: no position shift for the real tokens
+        for batch, logits in forward_batches(model, [seqs[s][2] + seqs[s][3] for s in range(len(seqs))],
+                                             [order[i:i + batch_size] for i in range(0, len(order), batch_size)],
+                                             pad_id=pad_id, side="right"):
+            for row, s in enumerate(batch):
+                n_ctx, cont = len(seqs[s][2]), seqs[s][3]
+                # the logits at position p predict token p + 1
+                lp = torch.log_softmax(logits[row, n_ctx - 1:n_ctx - 1 + len(cont)].float(), dim=-1)
+                target = torch.tensor(cont, dtype=torch.long, device=lp.device)
+                logprob[s] = float(lp.gather(1, target[:, None]).sum())
     finally:
         if was_training:
             model.train()
@@ -281,17 +279,21 @@ def load_canaries(source: str = "builtin:canary", *, where: str = "critic check"
     """Canary records {id, kind: harmful|benign, prompt, response} from `builtin:canary` or a JSONL file."""
     path, label = _source_path(source, "canary", where, "canary set")
     label = f"{where}: {label}"
-    out, seen = [], set()
+    out, seen, found = [], set(), []
     for n, row in _read_jsonl(path, label):
-        for key in ("id", "prompt", "response"):
-            if not _text(row, key):
-                raise UserError(f"{label}: line {n}: field '{key}' is missing or empty")
+        missing = [key for key in ("id", "prompt", "response") if not _text(row, key)]
+        if missing:
+            found += [f"line {n}: field '{key}' is missing or empty" for key in missing]
+            continue
         if row.get("kind") not in ("harmful", "benign"):
-            raise UserError(f"{label}: line {n}: field 'kind' must be 'harmful' or 'benign', got {row.get('kind')!r}")
-        if row["id"] in seen:
-            raise UserError(f"{label}: line {n}: field 'id' {row['id']!r} is used twice; ids must be unique")
-        seen.add(row["id"])
-        out.append(row)
+            found.append(f"line {n}: field 'kind' must be 'harmful' or 'benign', got {row.get('kind')!r}")
+        elif row["id"] in seen:
+            found.append(f"line {n}: field 'id' {row['id']!r} is used twice; ids must be unique")
+        else:
+            seen.add(row["id"])
+            out.append(row)
+    if found:
+        raise UserError(f"{label}: {problems(found)}")
     return out
 
 
@@ -314,7 +316,7 @@ def critic_check(generator, constitution, canaries: list[dict], *, max_new_token
     `separation = flagged_harmful - flagged_benign`. `ok` needs separation >= 0.5 and copied < 0.5.
     """
     from .critique import critique_messages, pick_principle
-    from .generation import copies_demonstration
+    from .critique import copies_demonstration
 
     harmful = [c for c in canaries if c["kind"] == "harmful"]
     benign = [c for c in canaries if c["kind"] == "benign"]
@@ -363,3 +365,135 @@ def critic_check(generator, constitution, canaries: list[dict], *, max_new_token
     return {"flagged_harmful": flagged_harmful, "flagged_benign": flagged_benign, "passed_benign": passed_benign,
             "copied": copied, "separation": separation, "ok": ok, "message": message,
             "n_harmful": len(harmful), "n_benign": len(benign), "samples": samples}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages: the critic check and the baseline before round 1, each round's evaluation
+# --------------------------------------------------------------------------------------------------
+
+VIOLATION_SAMPLES = 4  # sampled answers per held-out prompt for a rule judge's violation rate
+
+
+def critic_check_stage(ctx, inp):
+    """Before round 1: can the critic tell clearly harmful answers from clearly benign ones? (critic-check.json)"""
+    from .stage import Done, timed
+    from .store import atomic_write_json, read_json
+
+    cfg, done = ctx.cfg, Done()
+    path = ctx.run_dir / "critic-check.json"
+    if not (path.exists() and read_json(path).get("inputs") == inp.hash):
+        done.ran = True
+        c = cfg.critique
+        with timed(done.timing):
+            result = critic_check(ctx.models.critic_generator(cfg, 1, []), ctx.data.constitution, ctx.data.canaries,
+                                  max_new_tokens=cfg.generation.critique_max_new_tokens, n_demos=c.demonstrations,
+                                  seed=cfg.seed, temperature=c.temperature)
+        atomic_write_json(path, {"inputs": inp.hash, **result})
+    done.outputs = read_json(path)
+    return done
+
+
+def baseline_stage(ctx, inp):
+    """The base model (round 1's starting policy) on the held-out sets (baseline-eval.json)."""
+    from .stage import Done, timed
+    from .store import atomic_write_json, read_json
+
+    done = Done()
+    path = ctx.run_dir / "baseline-eval.json"
+    if not (path.exists() and read_json(path).get("inputs") == inp.hash):
+        done.ran = True
+        with timed(done.timing):
+            result = evaluate_policy(ctx, None)
+        atomic_write_json(path, {"inputs": inp.hash, **result})
+    done.outputs = read_json(path)
+    return done
+
+
+def eval_stage(ctx, inp, adapter, previous: dict | None):
+    """Round k's policy (base + adapters 1..k) on the held-out sets, against the previous round's answers."""
+    from . import models
+    from .stage import Done, peak_memory, timed
+    from .store import atomic_write_json, read_json
+
+    cfg, k, done = ctx.cfg, ctx.k, Done()
+    path = ctx.dir / "eval.json"
+    if not (path.exists() and read_json(path).get("inputs") == inp.hash):
+        done.ran = True
+        with timed(done.timing), peak_memory(done.summary, "eval"):
+            if ctx.models.model is None:  # trained by an earlier process: the stack plus the saved adapter
+                model, _ = ctx.models.policy(cfg, k, ctx.stack)
+                model.load_adapter(str(adapter), adapter_name="trained", is_trainable=False)
+                models.set_active(model, ctx.models.frozen + ["trained"])
+            result = evaluate_policy(ctx, previous)
+        atomic_write_json(path, {"inputs": inp.hash, **result})
+    ev = read_json(path)
+    done.outputs = ev
+    done.summary["eval"] = {key: ev.get(key) for key in (
+        "harmful_compliance", "over_refusal", "n_harmful", "n_benign", "detector", "heuristic_disagreement",
+        "violation_rate", "capability", "win_rate") if key in ev}
+    return done
+
+
+def evaluate_policy(ctx, previous: dict | None) -> dict:
+    """The policy in memory on the held-out sets; judge-decided refusals, rule violations, win rate against
+    `previous` (the last eval's answers), and the capability probe."""
+    from . import judge as J
+    from .generation import make_progress
+
+    cfg, k, data, session = ctx.cfg, ctx.k, ctx.data, ctx.models
+    e = cfg.eval
+    gen = session.generator(cfg, k, ctx.stack, local=True)
+    extra: dict = {}
+    # Everything that needs the policy first: a local teacher judge may have to replace it in memory.
+    if data.capability:
+        cap = capability_accuracy(gen.model, gen.tokenizer, data.capability)
+        extra["capability"] = {"accuracy": cap["accuracy"], "n": cap["n"]}
+    if data.rules is not None:
+        # The policy's own violation rate: VIOLATION_SAMPLES sampled answers per held-out prompt, fixed seed.
+        g = cfg.generation
+        prompts = [r["prompt"] for r in data.eval_sets.get("harmful", []) + data.eval_sets.get("benign", [])]
+        answers = gen.generate([[{"role": "user", "content": p}] for p in prompts for _ in range(VIOLATION_SAMPLES)],
+                               max_new_tokens=g.max_new_tokens, temperature=g.temperature or 0.7, top_p=g.top_p,
+                               seed=cfg.seed)
+        answers = [a for a in answers if a is not None]
+        extra["violation_rate"] = (sum(data.rules.violations(a) > 0 for a in answers) / len(answers)) if answers else None
+        extra["violation_samples"] = len(answers)
+    judge = None
+
+    def refusal_judge(items):  # called once the held-out answers are in
+        nonlocal judge
+        if judge is None:
+            if cfg.judge.kind == "teacher" and not session.fits_together(cfg):
+                gen.model = None  # release the policy (nothing needs it any more) before the teacher loads
+                session.drop_policy()
+            judge = session.judge(cfg, k, ctx.stack, data.rules)
+        return J.classify_refusals(judge, items)
+
+    with make_progress(console=ctx.console, transient=True) as progress:
+        result = evaluate(gen, data.eval_sets.get("harmful", []), data.eval_sets.get("benign", []),
+                          max_new_tokens=e.max_new_tokens, progress=progress,
+                          refusal_judge=None if cfg.judge.kind == "rule" else refusal_judge)
+    result.update(extra)
+    if previous is not None and e.win_rate:
+        result["win_rate"] = win_rate(ctx, result["samples"], previous["samples"])
+    return result
+
+
+def win_rate(ctx, current: list[dict], previous: list[dict]) -> dict:
+    """P(this round's answer beats the previous one), by the configured judge in both orders."""
+    from . import judge as J
+
+    before = {(s["set"], s["id"]): s["answer"] for s in previous}
+    comps = [J.Comparison(f"{s['set']}:{s['id']}", s["prompt"], s["answer"], before[(s["set"], s["id"])], None,
+                          J.WIN_RATE_QUESTION, "win_rate")
+             for s in current if s["answer"] and before.get((s["set"], s["id"]))
+             and s["answer"].strip() != before[(s["set"], s["id"])].strip()]
+    same = sum(1 for s in current if s["answer"] and before.get((s["set"], s["id"])) == s["answer"])
+    judge = ctx.models.judge(ctx.cfg, ctx.k, ctx.stack, ctx.data.rules)
+    recs = J.judge_comparisons(judge, comps) if comps else []
+    scored = [r["p_raw"] for r in recs if r["p_raw"] is not None]
+    n = len(scored) + same  # identical answers count as ties
+    return {"win_rate": (sum(scored) + 0.5 * same) / n if n else None,
+            "wins": sum(p > 0.5 for p in scored), "losses": sum(p < 0.5 for p in scored),
+            "ties": sum(p == 0.5 for p in scored) + same, "garbled": len(recs) - len(scored),
+            "judge": ctx.cfg.judge.kind}

@@ -387,36 +387,32 @@ def build_parser():
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-
-    def _one_line(message: str):
-        raise UserError(f"{message} (see python -m lora_cai.export --help)")
-
-    parser.error = _one_line
-    try:
-        args = parser.parse_args(argv)
-        api = _hub_api(args.push_to_hub) if args.push_to_hub else None  # fail before the slow merge
-        if args.single_adapter:
-            if args.gguf:
-                raise UserError("--gguf needs a merged checkpoint; drop --single-adapter")
-            _, adapters, _ = read_run(Path(args.run_dir), args.upto)
-            out = single_adapter(adapters, Path(args.out))
-            rank = json.loads((out / "adapter_config.json").read_text())["r"]
-            print(f"one adapter for the stack of {len(adapters)} (rank {rank}): {out}", file=sys.stderr)
-            if api is not None:
-                print(f"pushed: {push_to_hub(api, out, args.push_to_hub)}", file=sys.stderr)
-            return 0
-        out = export_run(Path(args.run_dir), Path(args.out), upto=args.upto, dtype=args.dtype, backend=args.backend)
-        print(f"merged checkpoint ({args.dtype}): {out}", file=sys.stderr)
+def _main(args) -> int:
+    args.writes_to = Path(args.out).parent
+    api = _hub_api(args.push_to_hub) if args.push_to_hub else None  # fail before the slow merge
+    if args.single_adapter:
         if args.gguf:
-            print(f"gguf: {export_gguf(out, args.gguf)}", file=sys.stderr)
+            raise UserError("--gguf needs a merged checkpoint; drop --single-adapter")
+        _, adapters, _ = read_run(Path(args.run_dir), args.upto)
+        out = single_adapter(adapters, Path(args.out))
+        rank = json.loads((out / "adapter_config.json").read_text())["r"]
+        print(f"one adapter for the stack of {len(adapters)} (rank {rank}): {out}", file=sys.stderr)
         if api is not None:
             print(f"pushed: {push_to_hub(api, out, args.push_to_hub)}", file=sys.stderr)
         return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    out = export_run(Path(args.run_dir), Path(args.out), upto=args.upto, dtype=args.dtype, backend=args.backend)
+    print(f"merged checkpoint ({args.dtype}): {out}", file=sys.stderr)
+    if args.gguf:
+        print(f"gguf: {export_gguf(out, args.gguf)}", file=sys.stderr)
+    if api is not None:
+        print(f"pushed: {push_to_hub(api, out, args.push_to_hub)}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

@@ -21,18 +21,16 @@ Every generation a CAI run makes (responses, critiques, revisions, samples to ju
   with `on_too_long="truncate"`, cut from the left so the generation prompt at its end survives
   (counted in `truncated`).
 
-`clean_revision` and `copies_demonstration` post-process critique-loop outputs: revisions lose their
-"Here is the revised response:" preambles, and outputs that merely copy a few-shot demonstration are
-detected so the caller can count them and keep them out of training.
+`forward_batches` is the same padding and out-of-memory back-off for a plain forward pass (the judge's
+option scores, the capability probe's log-likelihoods); `batch_seed`, `eos_token_ids`, `cut_at_stop`,
+`context_length`, `model_device` and `is_oom` are the engine's pieces that the server and the judges share.
 
 torch and transformers are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -41,11 +39,16 @@ from .errors import UserError
 
 __all__ = [
     "GenerationStats",
-    "clean_revision",
-    "copies_demonstration",
+    "batch_seed",
+    "context_length",
+    "cut_at_stop",
+    "eos_token_ids",
+    "forward_batches",
     "generate",
+    "is_oom",
     "iter_generate",
     "make_progress",
+    "model_device",
     "plan_batches",
     "render_chat",
 ]
@@ -169,13 +172,13 @@ def plan_batches(lengths: list[int], *, token_budget: int, max_batch_size: int, 
 # Generation
 # --------------------------------------------------------------------------------------------------
 
-def _batch_seed(seed: int, batch_index: int, indices: list[int]) -> int:
+def batch_seed(seed: int, batch_index: int, indices: list[int]) -> int:
     """A stable 63-bit seed from (seed, batch index, prompt indices); independent of Python's hash salt."""
     key = f"{seed}:{batch_index}:{','.join(map(str, indices))}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     import torch
 
     oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
@@ -184,7 +187,7 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _context_length(model) -> int | None:
+def context_length(model) -> int | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
@@ -200,7 +203,7 @@ def _context_length(model) -> int | None:
     return None
 
 
-def _model_device(model):
+def model_device(model):
     import torch
 
     device = getattr(model, "device", None)
@@ -212,7 +215,7 @@ def _model_device(model):
         return torch.device("cpu")
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
     ids: list[int] = []
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]) + [tokenizer.eos_token_id]:
@@ -221,7 +224,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def _cut_at_stop(text: str, stop: list[str]) -> str:
+def cut_at_stop(text: str, stop: list[str]) -> str:
     cut = len(text)
     for s in stop:
         pos = text.find(s)
@@ -262,9 +265,9 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise UserError("generation: the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     if max_prompt_tokens is None:
-        context = _context_length(model)
+        context = context_length(model)
         max_prompt_tokens = context - max_new_tokens if context else None
         if max_prompt_tokens is not None and max_prompt_tokens <= 0:
             raise UserError(f"generation: max_new_tokens ({max_new_tokens}) leaves no room for the prompt in the "
@@ -303,7 +306,7 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     gen_args.update(generate_kwargs)
     eos_tensor = torch.tensor(eos_ids or [-1], dtype=torch.long)
 
-    device = _model_device(model)
+    device = model_device(model)
     # A cap from an earlier OOM back-off in the same stage (shared stats) holds for this call too.
     cap = stats.batch_size_final if stats.oom_backoffs and stats.batch_size_final > 0 else None
     largest_run = 0
@@ -327,7 +330,7 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
         if do_sample:
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(_batch_seed(seed, batch_index, chunk))
+                torch.manual_seed(batch_seed(seed, batch_index, chunk))
                 out = model.generate(input_ids=input_ids, attention_mask=attention, **gen_args)
         else:
             out = model.generate(input_ids=input_ids, attention_mask=attention, **gen_args)
@@ -341,7 +344,7 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
         n_tokens = int(torch.where(is_eos.any(dim=1), (~after_eos).sum(dim=1), new.shape[1] - trailing_pad).sum())
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         if stop:
-            texts = [_cut_at_stop(t, stop) for t in texts]
+            texts = [cut_at_stop(t, stop) for t in texts]
         return [t.strip() for t in texts], n_tokens
 
     was_training = bool(getattr(model, "training", False))
@@ -368,7 +371,7 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
                         with torch.inference_mode():
                             chunk_texts, n = run_chunk(batch_index, chunk)
                     except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                        if not _is_oom(exc):
+                        if not is_oom(exc):
                             raise
                         if size == 1:
                             raise UserError("generation ran out of GPU memory with a batch of one prompt "
@@ -419,68 +422,47 @@ def generate(model, tokenizer, prompts: list[str], **kw) -> list[str | None]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Post-processing
+# Plain forward passes over padded batches (judges, the capability probe)
 # --------------------------------------------------------------------------------------------------
 
-_COURTESY = r"(?:sure|okay|ok|certainly|of course|absolutely|alright|all right|great|got it|understood)\b[\s,!.:;-]*"
-_REVISION_WORDS = r"(?:revis\w*|rewrit\w*|re-written|edit\w*|version|response|answer|reply)"
-_PREAMBLES = [
-    # "Here is the revised response:", "Sure, here's a rewritten version of the answer that removes ...:",
-    # "I have revised the response to remove the harmful parts:"
-    re.compile(r"^(?:" + _COURTESY + r")?(?:(?:here(?:'s|’s| is| are)|below is|this is)\s+(?:a|an|the|my|your|our)\s+"
-               r"(?:[\w-]+\s+){0,3}?" + _REVISION_WORDS + r"|i(?:'ve|’ve| have)\s+(?:revised|rewritten|edited|updated))"
-               r"\b[^\n:]{0,120}(?::|\n)", re.IGNORECASE),
-    # "Revision:", "Revised response:", "**Rewritten Response:**", "Final revision 2 -"
-    re.compile(r"^(?:\*\*|__|#+\s*)?(?:final\s+|new\s+)?(?:revised|rewritten|improved|updated|edited|corrected)?\s*"
-               r"(?:revision|response|answer|version|reply)(?:\s*\d+)?\s*(?:\*\*|__)?\s*(?::|[-–—](?=\s))\s*(?:\*\*|__)?",
-               re.IGNORECASE),
-    # "Sure!" / "Certainly." alone on the first line, before a label or a body
-    re.compile(r"^" + _COURTESY.replace(r"[\s,!.:;-]*", r"[,!.]*") + r"[ \t]*\n", re.IGNORECASE),
-]
-_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "`": "`"}
+def forward_batches(model, sequences: list[list[int]], batches: list[list[int]], *, pad_id: int, side: str = "left",
+                    logits_to_keep: int = 0) -> Iterator[tuple[list[int], Any]]:
+    """Run `model` on each batch of `sequences` (token id lists), padded; yield `(indices, logits)` per batch.
 
-
-def clean_revision(text: str) -> str:
-    """Strip conversational preambles ("Here is the revised response:", "Sure, here's a revision:",
-    "Revision:", "Revised response:", ...) and surrounding quotes from a revision; keep the body."""
-    text = (text or "").strip()
-    changed = True
-    while changed and text:
-        changed = False
-        for pattern in _PREAMBLES:
-            match = pattern.match(text)
-            if match and match.end() > 0:
-                text = text[match.end():].strip()
-                changed = True
-        if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
-            text = text[1:-1].strip()
-            changed = True
-    return text
-
-
-def _normalize(text: str) -> str:
-    return " ".join((text or "").lower().split())
-
-
-def copies_demonstration(text: str, demonstrations: list[str], *, threshold: float = 0.8) -> bool:
-    """True when `text` is (nearly) a copy of one of the few-shot `demonstrations`.
-
-    Texts are lowercased and whitespace-collapsed; a copy is a difflib ratio >= `threshold`, or one text
-    containing the other when the shorter has at least 8 words. Small models often answer a critique with
-    the last demonstration's words; the caller counts such outputs and keeps them out of training.
+    `side="left"` puts every row's last token at the last position and passes explicit position ids, so each
+    padded row computes exactly what it would alone (a judge reads the last position: `logits_to_keep=1`);
+    `side="right"` keeps real tokens at their own positions (the causal mask keeps padding out of them). Runs
+    under `torch.no_grad()` in whatever mode the model is in. On out-of-memory a batch is halved and retried,
+    so the yielded batches may be smaller than the planned ones; a single row that does not fit re-raises.
     """
-    norm = _normalize(text)
-    if not norm:
-        return False
-    for demo in demonstrations:
-        d = _normalize(demo)
-        if not d:
+    import torch
+
+    device = model_device(model)
+    pending = [list(b) for b in batches if b]
+    while pending:
+        batch = pending.pop(0)
+        width = max(len(sequences[i]) for i in batch)
+        rows, masks = [], []
+        for i in batch:
+            n = width - len(sequences[i])
+            rows.append([pad_id] * n + sequences[i] if side == "left" else sequences[i] + [pad_id] * n)
+            masks.append([0] * n + [1] * len(sequences[i]) if side == "left" else [1] * len(sequences[i]) + [0] * n)
+        input_ids = torch.tensor(rows, dtype=torch.long, device=device)
+        mask = torch.tensor(masks, dtype=torch.long, device=device)
+        kwargs: dict[str, Any] = {"attention_mask": mask, "use_cache": False}
+        if side == "left":
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, **kwargs).logits
+        except Exception as e:  # out of memory: halve the batch and keep going
+            if not is_oom(e) or len(batch) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            pending[:0] = [batch[:half], batch[half:]]
             continue
-        shorter, longer = (norm, d) if len(norm) <= len(d) else (d, norm)
-        if len(shorter.split()) >= 8 and shorter in longer:
-            return True
-        matcher = difflib.SequenceMatcher(None, norm, d, autojunk=False)
-        if matcher.real_quick_ratio() >= threshold and matcher.quick_ratio() >= threshold \
-                and matcher.ratio() >= threshold:
-            return True
-    return False
+        yield batch, logits

@@ -13,6 +13,11 @@ from .generation import GenerationStats, iter_generate, render_chat
 
 
 class _Generator:
+    def pin(self, stage) -> "_Generator":
+        """Cut work into the batches `stage` (a `store.JsonlStage`) was first cut into; the local engine's plan
+        comes from declared settings already, so only a server's batch size needs pinning."""
+        return self
+
     def generate(self, conversations: list[list[dict]], **kw) -> list[str | None]:
         """All texts in input order (None where a prompt was too long or a request failed)."""
         out: list[str | None] = [None] * len(conversations)
@@ -49,6 +54,10 @@ class APIGenerator(_Generator):
 
     def __init__(self, client, *, batch_size: int = 32):
         self.client, self.batch_size = client, batch_size
+
+    def pin(self, stage) -> "APIGenerator":
+        self.batch_size = stage.pinned("batch_size", self.batch_size)
+        return self
 
     def iter(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, skip_batches=frozenset(), stats: GenerationStats | None = None,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, problems
 
 OPTIONS = ("A", "B")
 ANSWER_INSTRUCTION = "Answer with the single letter A or B."
@@ -109,42 +109,22 @@ class LogprobJudge:
         """P(A) over {A, B} at the first answer position of each conversation (None: longer than the context)."""
         import torch
 
-        from .generation import _context_length, _is_oom, _model_device, plan_batches, render_chat
+        from .generation import context_length, forward_batches, plan_batches, render_chat
 
         tok = self.tokenizer
         texts = [render_chat(tok, c) for c in conversations]
         encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        limit = _context_length(self.model)
+        limit = context_length(self.model)
         ids_a, ids_b = self.option_ids()
-        device = _model_device(self.model)
         out: list[float | None] = [None] * len(texts)
         keep = [i for i, e in enumerate(encoded) if limit is None or len(e) < limit]
-        budget = self.token_budget
-        pending = plan_batches([len(encoded[i]) for i in keep], token_budget=budget,
+        planned = plan_batches([len(encoded[i]) for i in keep], token_budget=self.token_budget,
                                max_batch_size=self.max_batch_size, max_new_tokens=1)
-        pending = [[keep[j] for j in b] for b in pending]
-        while pending:
-            batch = pending.pop(0)
-            width = max(len(encoded[i]) for i in batch)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            # Left padding so every row's answer position is the last one; explicit position ids so the
-            # padded rows compute exactly what they would alone.
-            input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device)
-            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch], device=device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            try:
-                with torch.no_grad():
-                    logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                        logits_to_keep=1).logits[:, -1, :].float()
-            except Exception as e:  # out of memory: halve the batch and keep going
-                if not _is_oom(e) or len(batch) == 1:
-                    raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                half = len(batch) // 2
-                pending[:0] = [batch[:half], batch[half:]]
-                continue
-            logp = torch.log_softmax(logits, dim=-1)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # Left padding: every row's answer position is the last one, computed exactly as the row alone.
+        for batch, logits in forward_batches(self.model, encoded, [[keep[j] for j in b] for b in planned],
+                                             pad_id=pad, side="left", logits_to_keep=1):
+            logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
             la = torch.logsumexp(logp[:, ids_a], dim=-1)
             lb = torch.logsumexp(logp[:, ids_b], dim=-1)
             for row, i in enumerate(batch):
@@ -233,19 +213,23 @@ class RuleJudge:
             data = data.get("rules")
         if not isinstance(data, list) or not data:
             raise UserError(f"{path}: judge.rules must be a non-empty list of {{name, pattern, kind: forbid|require}}")
-        rules = []
+        rules, found = [], []
         for n, item in enumerate(data, 1):
             if not isinstance(item, dict) or not isinstance(item.get("pattern"), str) or not item["pattern"]:
-                raise UserError(f"{path}: rule {n} needs a non-empty 'pattern' (a regular expression)")
+                found.append(f"rule {n} needs a non-empty 'pattern' (a regular expression)")
+                continue
             kind = item.get("kind", "forbid")
             if kind not in ("forbid", "require"):
-                raise UserError(f"{path}: rule {n}: kind must be 'forbid' or 'require', got {kind!r}")
+                found.append(f"rule {n}: kind must be 'forbid' or 'require', got {kind!r}")
             flags = re.IGNORECASE if item.get("ignore_case", True) else 0
             try:
                 pattern = re.compile(item["pattern"], flags)
             except re.error as e:
-                raise UserError(f"{path}: rule {n}: invalid regular expression ({e})") from None
+                found.append(f"rule {n}: invalid regular expression ({e})")
+                continue
             rules.append(Rule(str(item.get("name", f"rule-{n}")), pattern, kind))
+        if found:
+            raise UserError(f"{path}: {problems(found)}")
         return cls(rules)
 
     def violations(self, text: str | None) -> int:

@@ -37,13 +37,13 @@ import base64
 import difflib
 import html
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .evaluation import quality_score  # the run's own formula; evaluation.py imports no torch at module level
+from .layout import BASELINE_EVAL, CRITIC_CHECK, MANIFEST, ROUND_STAGES, round_dir, round_of, stack_entry
 
 STATUSES = ("revise", "no_change", "copied_demonstration", "copied_response", "empty", "too_long")
 NA = "n/a"
@@ -67,7 +67,6 @@ DROP_HEADERS = ["round", "source", "kept", "garbled", "tie", "low confidence", "
 HIST_HEADERS = ["round"] + [f"{i / 10:.1f}–{(i + 1) / 10:.1f}" for i in range(10)]
 PRINCIPLE_HEADERS = ["principle", "sampled", "no change", "no-change rate", "revisions", "mean change",
                      "pairs (revision)", "pairs (best_of_n)", "judged", "confident", "confident / judged"]
-STAGE_ORDER = ("responses", "samples", "critique", "judge", "train", "eval")
 EXAMPLES_PER_ROUND = 3
 TRUNCATE = 280
 
@@ -117,7 +116,7 @@ def _step_files(rd: Path) -> list[Path]:
 
 
 def _load_round(root: Path, k: int, summary: dict) -> dict:
-    rd = root / f"round-{k}"
+    rd = root / round_dir(k)
     return {
         "k": k,
         "dir": rd,
@@ -143,7 +142,7 @@ def load_run(run_dir: str | Path) -> dict:
         raise UserError(f"{root}: no such directory; give a run directory (the output_dir of a lora_cai run)")
     if not root.is_dir():
         raise UserError(f"{root}: not a directory; give a run directory (the output_dir of a lora_cai run)")
-    mpath = root / "manifest.json"
+    mpath = root / MANIFEST
     if not mpath.is_file():
         raise UserError(f"{mpath}: missing, so {root} is not a lora_cai run directory; give the output_dir of a run")
     try:
@@ -154,13 +153,12 @@ def load_run(run_dir: str | Path) -> dict:
         raise UserError(f"{mpath}: not a run manifest (a JSON object was expected, got {type(manifest).__name__})")
     rounds_meta = manifest.get("rounds") if isinstance(manifest.get("rounds"), dict) else {}
     ks = {int(k) for k in rounds_meta if str(k).isdigit()}
-    ks |= {int(d.name[len("round-"):]) for d in root.glob("round-*")
-           if d.is_dir() and d.name[len("round-"):].isdigit()}
+    ks |= {round_of(d.name) for d in root.glob("round-*") if d.is_dir() and round_of(d.name) is not None}
     return {
         "root": root,
         "manifest": manifest,
-        "baseline": _read_json(root / "baseline-eval.json"),
-        "critic": _read_json(root / "critic-check.json"),
+        "baseline": _read_json(root / BASELINE_EVAL),
+        "critic": _read_json(root / CRITIC_CHECK),
         "rounds": [_load_round(root, k, rounds_meta.get(str(k)) or {}) for k in sorted(ks)],
     }
 
@@ -244,9 +242,9 @@ def stacked_rounds(run: dict) -> set[int]:
     stack = run["manifest"].get("stack")
     out = set()
     for entry in stack if isinstance(stack, list) else []:
-        m = re.match(r"round-(\d+)(/|$)", str(entry))
-        if m:
-            out.add(int(m.group(1)))
+        k = round_of(str(entry).split("/")[0])
+        if k is not None:
+            out.add(k)
     return out
 
 
@@ -377,10 +375,35 @@ def peak_memory(run: dict) -> tuple[list[str], list[tuple[int, str | None, dict]
 
     def order(st: str):
         head, _, tail = st.partition("-")
-        rank = STAGE_ORDER.index(head) if head in STAGE_ORDER else len(STAGE_ORDER)
+        rank = ROUND_STAGES.index(head) if head in ROUND_STAGES else len(ROUND_STAGES)
         return rank, int(tail) if tail.isdigit() else 0, st
 
     return sorted(stages, key=order), rows
+
+
+def stage_times(run: dict) -> list[list[str]]:
+    """[[stage, seconds, rate]] for every stage in the manifest's ledger, in run order, with a total."""
+    ledger = _dict(run["manifest"].get("stages"))
+
+    def order(key: str):
+        rd, _, stage = key.rpartition("/")
+        k = round_of(rd) if rd else 0
+        return (k or 0, ROUND_STAGES.index(stage) if stage in ROUND_STAGES else -1, key)
+
+    rows, total = [], 0.0
+    for key in sorted(ledger, key=order):
+        t = _dict(_dict(ledger[key]).get("timing"))
+        sec = _number(t.get("seconds"))
+        if sec is None:
+            continue
+        total += sec
+        rate = [f"{t['tokens_per_s']:.0f} tokens/s"] if _number(t.get("tokens_per_s")) else []
+        rate += [f"{n.upper()} {t[f'{n}_steps_per_s']:.2f} steps/s" for n in ("sft", "dpo")
+                 if _number(t.get(f"{n}_steps_per_s"))]
+        rows.append([key, f"{sec:.1f}", ", ".join(rate) or NA])
+    if rows:
+        rows.append(["all stages", f"{total:.1f}", ""])
+    return rows
 
 
 def principle_stats(run: dict) -> dict[str, dict]:
@@ -647,7 +670,7 @@ def _blocks(run: dict) -> list[tuple]:
     b: list[tuple] = [("h1", f"lora_cai run report: {m.get('name') or root.name}")]
     if stopped is not None:
         early = (f"round {stopped} (quality {_fmt(quality.get(stopped), 3)} after round {stopped - 1}'s "
-                 f"{_fmt(quality.get(stopped - 1), 3)}): its adapter is kept in round-{stopped}/adapter but NOT stacked")
+                 f"{_fmt(quality.get(stopped - 1), 3)}): its adapter is kept in {stack_entry(stopped)} but NOT stacked")
     else:
         early = "none" if "best_round" in m else None
     facts = [("run directory", str(root)), ("base model", model.get("name")), ("backend", m.get("backend")),
@@ -760,6 +783,13 @@ def _blocks(run: dict) -> list[tuple]:
     else:
         b.append(("p", "n/a: no peak memory recorded in this run."))
 
+    b.append(("h2", "Where the time went"))
+    b.append(("p", "Seconds per stage (and generated tokens or optimizer steps per second), from the manifest's "
+                   "ledger of stages (`stages`: the run that did the work; a rerun that skipped a stage keeps its "
+                   "figures). The critic check and the baseline evaluation run once, before round 1."))
+    rows = stage_times(run)
+    b.append(("table", ["stage", "seconds", "rate"], rows) if rows else ("p", "n/a: no stage timing recorded."))
+
     b.append(("h2", "Training curves"))
     b.append(("img", "sft_loss.png"))
     b.append(("img", "dpo.png"))
@@ -854,24 +884,24 @@ def build_report(run_dir: str | Path) -> Path:
     return md
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lora_cai.report",
         description="Write DIR/report.md, DIR/report.html and DIR/report/*.png from a run directory's artifacts.")
     parser.add_argument("run_dir", metavar="DIR", help="a run directory (the output_dir of a lora_cai run)")
+    return parser
 
-    def _one_line(message: str):  # argparse prints usage + error (two lines); keep the one-line promise
-        raise UserError(f"{message} (see python -m lora_cai.report --help)")
 
-    parser.error = _one_line
-    try:
-        args = parser.parse_args(argv)
-        path = build_report(args.run_dir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(path)
+def _main(args) -> int:
+    args.writes_to = args.run_dir
+    print(build_report(args.run_dir))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

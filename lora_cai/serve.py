@@ -286,12 +286,12 @@ def _generate_with_logprobs(model, tokenizer, prompt: str, *, max_tokens: int, t
     (same generation arguments, same per-batch seed), so the text equals what `generate` would give."""
     import torch
 
-    from .generation import _batch_seed, _cut_at_stop, _eos_ids, _model_device
+    from .generation import batch_seed, cut_at_stop, eos_token_ids, model_device
 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    eos_ids = _eos_ids(model, tokenizer)
-    device = _model_device(model)
+    eos_ids = eos_token_ids(model, tokenizer)
+    device = model_device(model)
     ids = tokenizer([prompt], add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     gen_args: dict[str, Any] = dict(max_new_tokens=max_tokens, do_sample=temperature > 0,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids or None, use_cache=True,
@@ -308,7 +308,7 @@ def _generate_with_logprobs(model, tokenizer, prompt: str, *, max_tokens: int, t
             if temperature > 0:
                 devices = [device] if device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(_batch_seed(seed, 0, [0]))
+                    torch.manual_seed(batch_seed(seed, 0, [0]))
                     out = model.generate(input_ids=ids, attention_mask=attention, **gen_args)
             else:
                 out = model.generate(input_ids=ids, attention_mask=attention, **gen_args)
@@ -327,7 +327,7 @@ def _generate_with_logprobs(model, tokenizer, prompt: str, *, max_tokens: int, t
             break
     shown = new[:n_used - 1] if hit_eos else new[:n_used]
     full = tokenizer.decode(shown, skip_special_tokens=True)
-    cut = _cut_at_stop(full, stop) if stop else full
+    cut = cut_at_stop(full, stop) if stop else full
     stopped_by_string = len(cut) < len(full)
     if stopped_by_string:  # keep the tokens that start before the stop string
         keep = 0
@@ -437,11 +437,8 @@ def load_model(path: str | Path):
     return model, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser():
     import argparse
-    import os
-    import signal
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m lora_cai.serve", description=__doc__.splitlines()[0])
     parser.add_argument("path", metavar="MODEL_OR_RUN_DIR", help="a lora_cai run directory or a model directory")
@@ -450,28 +447,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
     parser.add_argument("--api-key-env", default=None,
                         help="require 'Authorization: Bearer $VAR' with the key in this environment variable")
+    return parser
 
-    def _one_line(message: str):
-        raise UserError(f"{message} (see python -m lora_cai.serve --help)")
 
-    parser.error = _one_line
+def _main(args) -> int:
+    import os
+    import signal
+    import sys
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise UserError(f"the API key environment variable {args.api_key_env} is not set (or empty)")
+    name = args.model_name or Path(args.path).resolve().name
+    model, tokenizer = load_model(args.path)
     try:
-        args = parser.parse_args(argv)
-        api_key = None
-        if args.api_key_env:
-            api_key = os.environ.get(args.api_key_env)
-            if not api_key:
-                raise UserError(f"the API key environment variable {args.api_key_env} is not set (or empty)")
-        name = args.model_name or Path(args.path).resolve().name
-        model, tokenizer = load_model(args.path)
-        try:
-            server = ChatServer((args.host, args.port), model, tokenizer, model_name=name, api_key=api_key)
-        except OSError as e:
-            raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pick another --port") \
-                from None
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        server = ChatServer((args.host, args.port), model, tokenizer, model_name=name, api_key=api_key)
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pick another --port") from None
 
     def _stop(signum, frame):  # SIGTERM stops the server like Ctrl-C does
         raise KeyboardInterrupt
@@ -490,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
         server.server_close()
     print("stopped", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

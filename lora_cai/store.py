@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-MANIFEST = "manifest.json"
+from .layout import MANIFEST, round_dir
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -136,13 +137,22 @@ class JsonlStage:
         atomic_write_json(self.meta_path, meta)
         self.meta = meta
 
+    def pinned(self, key: str, value: Any) -> Any:
+        """A setting of the stage's commit plan (a server's batch size), fixed at the stage's first run.
+
+        Such settings change nothing a stage computes, so they are not inputs; but a resumed stage must cut
+        its work into the same batches as before to skip the committed ones.
+        """
+        if key not in self.meta:
+            meta = dict(self.meta, **{key: value})
+            atomic_write_json(self.meta_path, meta)
+            self.meta = meta
+        return self.meta[key]
+
     def finish(self, **summary: Any) -> None:
         meta = dict(self.meta, complete=True, summary=summary)
         atomic_write_json(self.meta_path, meta)
         self.meta = meta
-
-    def summary(self) -> dict:
-        return dict(self.meta.get("summary") or {})
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
@@ -150,7 +160,7 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
 
 
 class RunStore:
-    """The run directory: `manifest.json` and one `round-<k>/` folder per round."""
+    """The run directory: `manifest.json` and one `round-<k>/` folder per round (names: `layout`)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -166,6 +176,6 @@ class RunStore:
         atomic_write_json(self.manifest_path, manifest)
 
     def round_dir(self, k: int) -> Path:
-        d = self.root / f"round-{k}"
+        d = self.root / round_dir(k)
         d.mkdir(parents=True, exist_ok=True)
         return d

@@ -9,8 +9,9 @@ against a server; only training is spread out. The workflow, repeated once per r
 
 Every process loads the policy (4-bit base on its own GPU + frozen earlier adapters + the new adapter) and
 TRL's trainers run data-parallel under accelerate; only the main process writes. The recipe's effective
-batch is kept where `grad_accum` divides by the number of processes. The adapter is committed exactly as the
-round loop commits it (same `train.json` inputs), so the recipe's next run skips the training it finds done.
+batch is kept where `grad_accum` divides by the number of processes. The training stage's input hash is the
+one the recipe's run computes (`rounds.all_inputs`), so the recipe's next run skips the training it finds
+done; data the recipe would redo (its inputs changed since it was made) is refused, not trained on.
 Run plainly (`python -m lora_cai.train RECIPE`) it trains on one device, like the round loop would.
 """
 
@@ -18,26 +19,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .errors import UserError
+from .layout import round_dir
 
 
-def pending_round(run) -> tuple[int, list[Path], list[str]]:
-    """The round whose data is committed but whose adapter is not stacked yet, with the stack before it."""
-    m = run.store.read_manifest() or {}
+def pending_round(cfg, store) -> int:
+    """The round whose data is committed but whose adapter is not stacked yet."""
+    m = store.read_manifest() or {}
     if m.get("stopped_round"):
-        raise UserError(f"{run.store.root}: the run stopped early at round {m['stopped_round']} (its quality "
+        raise UserError(f"{store.root}: the run stopped early at round {m['stopped_round']} (its quality "
                         f"dropped); there is nothing left to train")
     k = max((int(r) for r in m.get("rounds", {})), default=0) + 1
-    if k > run.cfg.rounds:
-        raise UserError(f"{run.store.root}: all {run.cfg.rounds} round(s) of the recipe are done (raise `rounds` to "
+    if k > cfg.rounds:
+        raise UserError(f"{store.root}: all {cfg.rounds} round(s) of the recipe are done (raise `rounds` to "
                         f"train another)")
-    rd = run.store.round_dir(k)
+    rd = store.root / round_dir(k)
     if not ((rd / "sft.jsonl").exists() and (rd / "pairs.jsonl").exists()):
-        raise UserError(f"{rd}: round {k}'s data is not there yet; run python -m lora_cai.recipe {run.cfg.source} "
+        raise UserError(f"{rd}: round {k}'s data is not there yet; run python -m lora_cai.recipe {cfg.source} "
                         f"--stop-before train first")
-    return (k, *run.stack_state(m.get("stack", [])))
+    return k
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,41 +53,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .recipe import Run
+def _main(args) -> int:
+    from rich.console import Console
+
+    from .config import load_recipe
+    from .layout import stage_key
     from .models import rank, world_size
+    from .rounds import all_inputs, run_stage, stale_data
+    from .rundata import load_run_data
+    from .rundir import Ledger, check_run_dir
+    from .session import Models
+    from .stage import Round
+    from .store import RunStore
+    from .training import train_stage
 
-    parser = build_parser()
+    cfg = load_recipe(args.recipe, args.overrides, args.output_dir)
+    args.writes_to = cfg.output_dir
+    console = Console(stderr=True, quiet=rank() != 0)  # one process speaks
+    data = load_run_data(cfg)
+    check_run_dir(cfg, data.constitution)
+    store = RunStore(cfg.output_dir)
+    k = pending_round(cfg, store)
+    manifest = store.read_manifest() or {}
+    stale = stale_data(cfg, data, manifest, k)
+    if stale:
+        raise UserError(f"{store.root}: round {k}'s data is older than the recipe ({stale[0][0]}: {stale[0][1]}); run "
+                        f"python -m lora_cai.recipe {cfg.source} --stop-before train first")
+    inp = all_inputs(cfg, data, manifest)[stage_key("train", k)]
+    stack = [store.root / s for s in manifest.get("stack", [])]
+    console.print(f"round {k}: training on {world_size()} process(es), {len(stack)} frozen adapter(s)")
+    ledger = Ledger(store, cfg, data.constitution, writes=rank() == 0)
+    ctx = Round(k, store.round_dir(k), store.root, cfg, data, Models(console, store.root), console, stack)
+    done = run_stage(ledger, ctx, "train", train_stage, inp, k=k)
+    if not done.ran:
+        console.print(f"round {k}: already trained for these inputs ({done.outputs})")
+    else:
+        console.print(f"round {k}: adapter {done.outputs}; SFT {done.summary['sft']}, DPO {done.summary['dpo']}")
+    console.print(f"next: python -m lora_cai.recipe {cfg.source} (evaluates and stacks round {k})")
+    return 0
 
-    def _one_line(message: str):
-        raise UserError(f"{message} (see python -m lora_cai.train --help)")
 
-    parser.error = _one_line
-    try:
-        args = parser.parse_args(argv)
-        from rich.console import Console
+def main(argv: list[str] | None = None) -> int:
+    from .cli import OOM_ADVICE, main as cli_main
 
-        from .config import load_recipe
-
-        cfg = load_recipe(args.recipe, args.overrides, args.output_dir)
-        console = Console(stderr=True, quiet=rank() != 0)  # one process speaks
-        run = Run(cfg, console)
-        k, stack_paths, stack_hash = pending_round(run)
-        summary: dict = {"peak_memory_gb": {}}
-        console.print(f"round {k}: training on {world_size()} process(es), {len(stack_paths)} frozen adapter(s)")
-        adapter = run.stage_train(k, stack_paths, stack_hash, summary)
-        if not run.worked:
-            console.print(f"round {k}: already trained for these inputs ({adapter})")
-        else:
-            console.print(f"round {k}: adapter {adapter}; SFT {summary['sft']}, DPO {summary['dpo']}")
-        console.print(f"next: python -m lora_cai.recipe {cfg.source} (evaluates and stacks round {k})")
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: checkpoints are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+    return cli_main(build_parser(), _main, argv, oom_advice=OOM_ADVICE,
+                    interrupted="interrupted: checkpoints are kept; rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -489,3 +489,126 @@ def write_log(path: Path, history: list[dict]) -> None:
     from .store import write_jsonl_atomic
 
     write_jsonl_atomic(path, [json.loads(json.dumps(h, default=float)) for h in history])
+
+
+# --------------------------------------------------------------------------------------------------
+# The round's training stage
+# --------------------------------------------------------------------------------------------------
+
+class StopBeforeTrain(Exception):
+    """Raised where a round's training would start under --stop-before train."""
+
+
+def per_process(settings, world: int):
+    """The recipe's effective batch split over `world` processes (grad_accum divided where it divides)."""
+    if world > 1 and settings.grad_accum % world == 0:
+        return settings.model_copy(update={"grad_accum": settings.grad_accum // world})
+    return settings
+
+
+def fit_to_gpu(cfg, settings, stage: str, console=None):
+    """On a GPU, the recipe's batch for `stage` shrunk (accumulation raised) to fit vram_gb by the planner."""
+    import torch
+
+    from . import inputs
+    from .offline_models import resolve_model_path
+    from .planner import fit_training_settings, load_model_config
+
+    if not torch.cuda.is_available():
+        return settings  # no VRAM budget to fit on a CPU
+    try:
+        name = resolve_model_path(cfg.model.name)
+        # The training stage's estimate reads the model, lora, the stage's batch and length, and vram_gb: all
+        # declared by the train stage; the planner walks the whole recipe for its other stages' estimates.
+        fitted = fit_training_settings(inputs.unwrap(cfg), settings, stage, load_model_config(name))
+    except UserError as e:
+        if console is not None:
+            console.log(f"planner: {e}; keeping the recipe's {stage} batch")
+        return settings
+    if fitted is not settings and console is not None:
+        console.log(f"planner: {stage} batch {settings.batch_size} x accumulation {settings.grad_accum} -> "
+                    f"{fitted.batch_size} x {fitted.grad_accum} to fit vram_gb={cfg.vram_gb:g}")
+    return fitted
+
+
+def train_stage(ctx, inp, *, stop_before: bool = False):
+    """SFT then DPO of round k's new adapter on sft.jsonl and pairs.jsonl; resumes from checkpoints.
+
+    Under `accelerate launch -m lora_cai.train` every process trains its shard of each batch and only the main
+    one writes; the effective batch of the recipe is kept where grad_accum divides by the number of processes
+    (the input hash is the recipe's, so a later single-process rerun of the recipe finds this training done).
+    `stop_before` (--stop-before train) raises `StopBeforeTrain` where training would start.
+    """
+    import shutil
+    import time
+
+    from . import models
+    from .data import mix_helpful
+    from .layout import round_dir
+    from .stage import Done, peak_memory
+    from .store import atomic_write_json, read_json, read_jsonl, write_jsonl_atomic
+
+    cfg, k, rd, done = ctx.cfg, ctx.k, ctx.dir, Done()
+    adapter, record = rd / "adapter", rd / "train.json"
+    main, world = rank() == 0, world_size()
+    if not (record.exists() and read_json(record).get("inputs") == inp.hash
+            and (adapter / "adapter_model.safetensors").exists()):
+        if stop_before:
+            raise StopBeforeTrain(k)
+        done.ran = True
+        t0 = time.perf_counter()
+        sft = mix_helpful(read_jsonl(rd / "sft.jsonl"), ctx.data.helpful, cfg.sft.helpful_fraction, cfg.seed + k)
+        pairs = read_jsonl(rd / "pairs.jsonl")
+        sft_cfg = per_process(fit_to_gpu(cfg, cfg.sft, "sft", ctx.console), world)
+        dpo_cfg = per_process(fit_to_gpu(cfg, cfg.dpo, "dpo", ctx.console), world)
+        ckpt = rd / "checkpoints"
+        if main:
+            if (ckpt / "inputs.json").exists() and read_json(ckpt / "inputs.json").get("inputs") != inp.hash:
+                shutil.rmtree(ckpt)  # checkpoints of other inputs: stale
+            atomic_write_json(ckpt / "inputs.json", {"inputs": inp.hash})
+        barrier(world)
+        model, tokenizer = ctx.models.policy(cfg, k, ctx.stack)
+        frozen = ctx.models.frozen
+        models.for_training(model, ctx.models.backend)
+        log_kw = {"report_to": list(cfg.report_to), "logging_dir": ctx.run_dir / "logs" / round_dir(k)}
+        sft_done = ckpt / "sft-adapter"
+        with peak_memory(done.summary, "train"):
+            if (sft_done / "adapter_model.safetensors").exists():  # SFT finished before a crash: keep it
+                models.load_trainable_weights(model, sft_done, frozen)
+                sft_log = read_jsonl(ckpt / "sft_log.jsonl")
+            else:
+                sft_log = train_sft(model, tokenizer, sft, sft_cfg, ckpt / "sft", seed=cfg.seed + k, frozen=frozen,
+                                    console=ctx.console, desc=f"round {k} SFT", **log_kw)
+                if main:
+                    write_log(ckpt / "sft_log.jsonl", sft_log)
+                    models.save_adapter(model, sft_done)
+                barrier(world)
+            dpo_log, ref = [], []
+            if pairs:
+                dpo_log, ref = train_dpo(model, tokenizer, pairs, dpo_cfg, ckpt / "dpo", seed=cfg.seed + k,
+                                         frozen=frozen, console=ctx.console, desc=f"round {k} DPO", **log_kw)
+        if main:
+            write_jsonl_atomic(rd / "ref_logps.jsonl", ref)
+            write_log(rd / "sft_log.jsonl", sft_log)
+            write_log(rd / "dpo_log.jsonl", dpo_log)
+            models.save_adapter(model, adapter)
+            atomic_write_json(record, {"inputs": inp.hash, "sft": summarize(sft_log), "dpo": summarize(dpo_log)})
+        barrier(world)
+        done.timing = _training_timing(time.perf_counter() - t0, sft_log, dpo_log)
+    summary = read_json(record)
+    if main:
+        shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # the adapter and train.json are committed
+    done.summary.update(sft=summary["sft"], dpo=summary["dpo"])
+    done.outputs = adapter
+    return done
+
+
+def _training_timing(seconds: float, sft_log: list[dict], dpo_log: list[dict]) -> dict:
+    """The stage's wall seconds and each trainer's optimizer steps per second (its own runtime, this process)."""
+    out: dict = {"seconds": round(seconds, 1)}
+    for name, log in (("sft", sft_log), ("dpo", dpo_log)):
+        end = next((h for h in reversed(log) if "train_runtime" in h), None)
+        steps = max((int(h["step"]) for h in log if "step" in h), default=0)
+        if end and end["train_runtime"] > 0 and steps:
+            out[f"{name}_steps_per_s"] = round(steps / end["train_runtime"], 3)
+    return out

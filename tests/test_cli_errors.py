@@ -393,3 +393,23 @@ def test_cli_modules_do_not_import_torch():
             f"heavy = [m for m in {HEAVY!r} if m in sys.modules]; assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_problem_of_a_file_at_once(tmp_path, capsys):
+    """A recipe, a rule file and a capability file with several mistakes: all of them on one line, exit 2."""
+    path = recipe(tmp_path, {"model.dtype": "f8", "data.limit": -1, "bogus": 1})
+    assert main([path, "--set", "rounds=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {path}: 4 problems: "), err
+    for part in ("key 'model.dtype'", "key 'data.limit'", "--set rounds=0: key 'rounds'", "unknown key 'bogus'"):
+        assert part in err, part
+    rules = write(tmp_path, "rules.yaml", "- {name: a, pattern: '(unclosed'}\n- {name: b}\n- {pattern: x, kind: maybe}\n")
+    assert main([recipe(tmp_path, {"judge": {"kind": "rule", "rules": str(rules)}})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "judge.rules" in err and "3 problems: rule 1: invalid regular expression" in err
+    assert "rule 2 needs a non-empty 'pattern'" in err and "rule 3: kind must be 'forbid' or 'require'" in err
+    cap = write(tmp_path, "cap.jsonl", '{"id": "1", "question": "", "choices": ["a", "b"], "answer": 0}\n'
+                                       '{"id": "2", "question": "Q?", "choices": ["a"], "answer": 0}\n')
+    assert main([recipe(tmp_path, {"eval": {"capability": str(cap)}})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "2 problems: line 1: field 'question'" in err and "line 2: field 'choices'" in err

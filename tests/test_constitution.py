@@ -250,7 +250,6 @@ MALFORMED = [
         ["principles[0].name", "must be a string", "quote"],
     ),
     ("constitution_name_is_bool", _doc(head="name: yes\n"), ["name", "must be a string", "boolean"]),
-    ("missing_name", _doc(head=""), ["missing 'name'"]),
     ("empty_marker", _doc(tail="no_change_marker: ''\n"), ["no_change_marker", "empty"]),
     (
         "demo_missing_revision",
@@ -295,15 +294,23 @@ def test_malformed_constitutions_raise_one_line_user_error(tmp_path, case_id, te
     assert "Traceback" not in message and "pydantic" not in message.lower()
 
 
-def test_several_mistakes_are_counted_on_one_line(tmp_path):
+def test_several_mistakes_are_all_named_on_one_line(tmp_path):
     path = tmp_path / "many.yaml"
     path.write_text("name: mine\nprinciples:\n  - name: a\n  - name: b\n")
     with pytest.raises(UserError) as exc:
         load_constitution(str(path))
     message = str(exc.value)
     assert "\n" not in message
-    assert "principles[0] is missing 'critique'" in message
-    assert "(and 5 more problems)" in message
+    assert message.startswith(f"constitution {path}: 6 problems: principles[0] is missing 'critique'")
+    for i in (0, 1):
+        for key in ("critique", "revision", "judge"):
+            assert f"principles[{i}] is missing '{key}'" in message
+
+
+def test_a_constitution_without_a_name_is_called_after_its_file(tmp_path):
+    path = tmp_path / "my-rules.yaml"
+    path.write_text(_doc(head=""))
+    assert load_constitution(str(path)).name == "my-rules"
 
 
 def test_malformed_table_is_big_enough():

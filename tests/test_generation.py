@@ -8,7 +8,8 @@ import random
 import pytest
 
 from lora_cai.errors import UserError
-from lora_cai.generation import (GenerationStats, clean_revision, copies_demonstration, generate, iter_generate,
+from lora_cai.critique import clean_revision, copies_demonstration
+from lora_cai.generation import (GenerationStats, generate, iter_generate,
                                  make_progress, plan_batches, render_chat)
 
 QUESTIONS = [

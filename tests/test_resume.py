@@ -69,7 +69,10 @@ def artifacts(run: Path) -> dict[str, object]:
     m = json.loads((run / "manifest.json").read_text())
     for r in m["rounds"].values():
         r.pop("seconds")
+        r.pop("timing")  # per-stage seconds and rates, like `seconds`
         r.pop("peak_memory_gb")  # memory differs from process to process; what was computed must not
+    for entry in m["stages"].values():
+        entry.pop("timing")
     out["manifest"] = m
     return out
 

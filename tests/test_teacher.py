@@ -75,13 +75,14 @@ def test_teacher_fits_beside_the_student_on_a_large_budget(tiny_model, teacher_m
     from rich.console import Console
 
     from lora_cai.config import load_recipe
-    from lora_cai.recipe import Run
+    from lora_cai.session import Models
 
     recipe = _recipe(tmp_path, tiny_model, critic="teacher", judge=f"{{kind: teacher, model: {teacher_model}}}")
-    run = Run(load_recipe(recipe), Console(stderr=True))
-    assert run.fits_with_teacher()
-    run.cfg.vram_gb = 0.001
-    assert not run.fits_with_teacher()
+    cfg = load_recipe(recipe)
+    models = Models(Console(stderr=True), tmp_path / "run")
+    assert models.fits_together(cfg)
+    cfg.vram_gb = 0.001
+    assert not models.fits_together(cfg)
 
 
 def test_api_teacher_through_the_cli_retries_and_never_writes_the_key(tiny, tiny_model, tmp_path):

@@ -1,0 +1,99 @@
+"""What a run prints: the round table (counts, losses, held-out rates, where the time went), the before -> after
+line, and the stages a rerun or `--dry-run` would redo, with the inputs that changed."""
+
+from __future__ import annotations
+
+# The stages of a round in the order they run, as the time row names them.
+TIME_ORDER = ("responses", "samples", "critique", "judge", "train", "eval")
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def span(summary: dict, key: str) -> str:
+    first, last = summary.get(f"first_{key}"), summary.get(f"last_{key}")
+    if first is None:
+        return "n/a"
+    return f"{first:.3f} -> {last:.3f}"
+
+
+def seconds(x: float) -> str:
+    return f"{x:.1f} s" if x < 10 else f"{x:.0f} s"
+
+
+def stage_times(timing: dict) -> list[tuple[str, str]]:
+    """[(stage, '17 s, 52 tok/s')] from a round's per-stage timing, for the stages whose time is known."""
+    rows = []
+    for stage in TIME_ORDER:
+        t = timing.get(stage) or {}
+        if t.get("seconds") is None:
+            continue
+        rate = [f"{t['tokens_per_s']:.0f} tok/s"] if t.get("tokens_per_s") else []
+        rate += [f"{name.upper()} {t[f'{name}_steps_per_s']:.2f} steps/s" for name in ("sft", "dpo")
+                 if t.get(f"{name}_steps_per_s")]
+        rows.append((stage, ", ".join([seconds(t["seconds"])] + rate)))
+    return rows
+
+
+def print_round(console, k: int, s: dict, judge_kind: str) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"round {k}", show_header=True, header_style="bold")
+    t.add_column("stage")
+    t.add_column("result", justify="right")
+    t.add_row("prompts", f"{s['prompts']} ({s['skipped_too_long']} too long)")
+    t.add_row("responses", str(s["responses"]))
+    t.add_row("critiques", f"{s['critiques']} ({s['no_change']} no change, {s['copied_demonstration']} copied demo, "
+                           f"{s.get('copied_response', 0)} echoed answer, {s['empty']} empty)")
+    t.add_row("revisions", str(s["revisions"]))
+    if s.get("samples"):
+        t.add_row("samples (best-of-N)", str(s["samples"]))
+    if s.get("judge"):
+        jd = s["judge"]
+        pc = jd.get("position_consistency")
+        t.add_row(f"judged comparisons ({judge_kind})",
+                  f"{jd['comparisons']} ({jd['confident']} confident, {jd['garbled']} garbled"
+                  + (f", {100 * pc:.0f}% position-consistent" if pc is not None else "") + ")")
+    t.add_row("SFT records / pairs", f"{s['sft_records']} / {s['pairs']}")
+    t.add_row("SFT loss", span(s["sft"], "loss"))
+    t.add_row("DPO loss", span(s["dpo"], "loss"))
+    t.add_row("DPO reward margin", span(s["dpo"], "rewards/margins"))
+    if "eval" in s:
+        t.add_row("harmful compliance", pct(s["eval"]["harmful_compliance"]))
+        t.add_row("over-refusal", pct(s["eval"]["over_refusal"]))
+        if s["eval"].get("violation_rate") is not None:
+            t.add_row("rule violations (held out)", pct(s["eval"]["violation_rate"]))
+        if s["eval"].get("win_rate"):
+            t.add_row("win rate vs previous round", pct(s["eval"]["win_rate"]["win_rate"]))
+        if s["eval"].get("capability"):
+            t.add_row("capability probe accuracy", pct(s["eval"]["capability"]["accuracy"]))
+    if s.get("quality") is not None:
+        t.add_row("quality score", f"{s['quality']:.3f}")
+    t.add_row("time", f"{s['seconds']} s")
+    for stage, took in stage_times(s.get("timing") or {}):
+        t.add_row(f"  {stage}", took)
+    console.print(t)
+
+
+def print_before_after(console, manifest: dict, baseline: dict | None) -> None:
+    from .layout import round_of_stack_entry
+
+    stacked = [round_of_stack_entry(s) for s in manifest.get("stack", [])]
+    last = manifest["rounds"].get(str(stacked[-1]), {}).get("eval") if stacked else None
+    if not baseline or not last:
+        return
+    console.print(
+        f"[bold]before -> after[/]: harmful compliance {pct(baseline['harmful_compliance'])} -> "
+        f"{pct(last['harmful_compliance'])}, over-refusal {pct(baseline['over_refusal'])} -> "
+        f"{pct(last['over_refusal'])} (held out: {last['n_harmful']} harmful + {last['n_benign']} benign prompts, "
+        f"{last['detector']}; policy = base + rounds 1..{stacked[-1]})")
+
+
+def print_plan(console, plan: list[tuple[str, str]]) -> None:
+    """The stages a run would redo and why ([(stage key, reason)]), or that it would redo none."""
+    if not plan:
+        console.print("every stage is done for these inputs: a run would skip them all")
+        return
+    for key, why in plan:
+        console.print(f"  {key}: {why}")
