@@ -411,7 +411,6 @@ def baseline_stage(ctx, inp):
 
 def eval_stage(ctx, inp, adapter, previous: dict | None):
     """Round k's policy (base + adapters 1..k) on the held-out sets, against the previous round's answers."""
-    from . import models
     from .stage import Done, peak_memory, timed
     from .store import atomic_write_json, read_json
 
@@ -421,9 +420,7 @@ def eval_stage(ctx, inp, adapter, previous: dict | None):
         done.ran = True
         with timed(done.timing), peak_memory(done.summary, "eval"):
             if ctx.models.model is None:  # trained by an earlier process: the stack plus the saved adapter
-                model, _ = ctx.models.policy(cfg, k, ctx.stack)
-                model.load_adapter(str(adapter), adapter_name="trained", is_trainable=False)
-                models.set_active(model, ctx.models.frozen + ["trained"])
+                ctx.models.with_trained_adapter(cfg, k, ctx.stack, adapter)
             result = evaluate_policy(ctx, previous)
         atomic_write_json(path, {"inputs": inp.hash, **result})
     ev = read_json(path)

@@ -81,6 +81,31 @@ def _logsumexp(values: list[float]) -> float:
 # Model judges
 # --------------------------------------------------------------------------------------------------
 
+_OPTION_IDS: dict[int, tuple] = {}  # id(tokenizer) -> (weak reference, ids): a run builds a judge per stage
+
+
+def option_token_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The vocabulary's tokens that read as "A" and as "B", found once per tokenizer (decoding a 50k vocabulary
+    token by token takes about 2 s on a CPU)."""
+    import weakref
+
+    cached = _OPTION_IDS.get(id(tokenizer))
+    if cached is not None and cached[0]() is tokenizer:
+        return cached[1]
+    ids: tuple[list[int], list[int]] = ([], [])
+    specials = set(tokenizer.all_special_ids)
+    for i in range(len(tokenizer)):
+        if i in specials:
+            continue
+        opt = _option_of(tokenizer.decode([i]))
+        if opt is not None:
+            ids[opt].append(i)
+    if not ids[0] or not ids[1]:
+        raise UserError("judge: the judge model's vocabulary has no token for the letters A and B")
+    _OPTION_IDS[id(tokenizer)] = (weakref.ref(tokenizer), ids)
+    return ids
+
+
 class LogprobJudge:
     """A local model (the policy or a teacher) scoring the option tokens with one batched forward pass."""
 
@@ -92,17 +117,7 @@ class LogprobJudge:
     def option_ids(self) -> tuple[list[int], list[int]]:
         """Every vocabulary token that reads as "A" (resp. "B"), with or without a leading space or "("."""
         if self._ids is None:
-            ids: tuple[list[int], list[int]] = ([], [])
-            specials = set(self.tokenizer.all_special_ids)
-            for i in range(len(self.tokenizer)):
-                if i in specials:
-                    continue
-                opt = _option_of(self.tokenizer.decode([i]))
-                if opt is not None:
-                    ids[opt].append(i)
-            if not ids[0] or not ids[1]:
-                raise UserError("judge: the judge model's vocabulary has no token for the letters A and B")
-            self._ids = ids
+            self._ids = option_token_ids(self.tokenizer)
         return self._ids
 
     def score(self, conversations: list[list[dict]]) -> list[float | None]:

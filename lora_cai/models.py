@@ -202,6 +202,23 @@ def starting_policy(model, frozen: list[str]):
                 p.requires_grad = grads[n]
 
 
+def use_starting_policy(model, frozen: list[str]) -> None:
+    """Until training, leave the new adapter out of every forward: the stack alone is active (no adapter at all in
+    round 1). Its B matrices are zero, so this computes the same numbers, minus the new adapter's multiply-adds
+    at every layer; and on a GPU the round's data is generated with one adapter fewer, which is what keeps
+    Unsloth's fused LoRA kernels in round 2 (they fall back to PEFT's forward with several active adapters)."""
+    if frozen:
+        set_active(model, frozen)
+    else:
+        model.base_model.disable_adapter_layers()
+
+
+def use_training_stack(model, frozen: list[str]) -> None:
+    """The stack plus the new adapter, active; only the new adapter trainable (undoes `use_starting_policy`)."""
+    model.base_model.enable_adapter_layers()
+    set_active(model, frozen + [TRAINABLE], trainable=TRAINABLE)
+
+
 def build_policy(model_cfg, lora, stack: list[Path], backend: str, seed: int):
     """Base (4-bit) + earlier adapters (frozen, active) + a new zero-initialised `default` adapter (trainable).
 
@@ -211,11 +228,15 @@ def build_policy(model_cfg, lora, stack: list[Path], backend: str, seed: int):
     model, tokenizer = load_base(model_cfg, backend)
     cfg = lora_config(lora)
     if backend == "unsloth":
+        import torch
         from unsloth import FastLanguageModel
 
+        # Gradient checkpointing trades compute for GPU memory; on a CPU (Unsloth's CPU backend turns it on too)
+        # it only recomputes every forward, as the transformers backend there does not.
+        checkpointing = "unsloth" if torch.cuda.is_available() else False
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=list(lora.target_modules), lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout, bias="none", use_gradient_checkpointing="unsloth", random_state=seed)
+            lora_dropout=lora.dropout, bias="none", use_gradient_checkpointing=checkpointing, random_state=seed)
     else:
         import torch
         from peft import get_peft_model

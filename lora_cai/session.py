@@ -35,6 +35,7 @@ class Models:
         self.model = self.tokenizer = None
         self.round: int | None = None
         self.frozen: list[str] = []
+        self.trained = False  # the policy's new adapter has weights (trained here, or loaded)
         self.teacher_model = self.teacher_tokenizer = None
 
     # ---------------------------------------------------------------- lifetimes
@@ -61,23 +62,46 @@ class Models:
         set_seed(cfg.seed + k)
         t = time.time()
         self.model, self.tokenizer, self.frozen = models.build_policy(cfg.model, cfg.lora, stack, backend, cfg.seed + k)
-        self.round = k
+        self.round, self.trained = k, False
         self.console.log(f"round {k}: loaded {cfg.model.name} ({'4-bit' if cfg.model.load_in_4bit else 'full'}"
                          f", {backend}) + {len(stack)} frozen adapter(s) in {time.time() - t:.1f}s")
         return self.model, self.tokenizer
 
     def for_inference(self, cfg, k: int, stack: list[Path]):
+        """The policy in eval mode; before training, as the round's starting policy (`models.use_starting_policy`)."""
         from . import models
 
         model, tok = self.policy(cfg, k, stack)
+        if not self.trained:
+            models.use_starting_policy(model, self.frozen)
         models.for_inference(model, self.backend)
+        return model, tok
+
+    def for_training(self, cfg, k: int, stack: list[Path]):
+        """The policy in training mode: the stack and the new adapter active, only the new one trainable."""
+        from . import models
+
+        model, tok = self.policy(cfg, k, stack)
+        models.use_training_stack(model, self.frozen)
+        models.for_training(model, self.backend)
+        self.trained = True
+        return model, tok
+
+    def with_trained_adapter(self, cfg, k: int, stack: list[Path], adapter: Path):
+        """Round k's trained policy in a process that did not train it: the stack plus the saved adapter."""
+        from . import models
+
+        model, tok = self.policy(cfg, k, stack)
+        model.load_adapter(str(adapter), adapter_name="trained", is_trainable=False)
+        models.set_active(model, self.frozen + ["trained"])
+        self.trained = True
         return model, tok
 
     def drop_policy(self) -> None:
         from .models import free
 
         self.model = self.tokenizer = None
-        self.round = None
+        self.round, self.trained = None, False
         free()
 
     def teacher(self, cfg):

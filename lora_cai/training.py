@@ -567,9 +567,8 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
                 shutil.rmtree(ckpt)  # checkpoints of other inputs: stale
             atomic_write_json(ckpt / "inputs.json", {"inputs": inp.hash})
         barrier(world)
-        model, tokenizer = ctx.models.policy(cfg, k, ctx.stack)
+        model, tokenizer = ctx.models.for_training(cfg, k, ctx.stack)
         frozen = ctx.models.frozen
-        models.for_training(model, ctx.models.backend)
         log_kw = {"report_to": list(cfg.report_to), "logging_dir": ctx.run_dir / "logs" / round_dir(k)}
         sft_done = ckpt / "sft-adapter"
         with peak_memory(done.summary, "train"):

@@ -310,3 +310,26 @@ def test_report_to_reaches_the_trainer_and_names_missing_loggers(tiny_model, tmp
     training.train_sft(model, tok, SFT, SFTSettings(batch_size=4), tmp_path / "s", seed=0, frozen=frozen,
                        report_to=["tensorboard"], logging_dir=tmp_path / "logs")
     assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_the_untrained_adapter_stays_out_of_inference_and_changes_no_number(two_rounds, tiny_model, tmp_path, stacked):
+    """Before training, generation and judging run the starting policy without the new adapter's multiply-adds:
+    bit-identical logits to the policy with it active (its B is zero), one active adapter fewer."""
+    stack = [tmp_path / "r1"] if stacked else []
+    if stacked:
+        models.save_adapter(two_rounds["model"], tmp_path / "r1")  # any trained adapter will do as the stack
+    model, tok, frozen = build(tiny_model, stack)
+    ids = two_rounds["ids"]
+    with torch.no_grad():
+        with_new = model.eval()(input_ids=ids).logits
+        models.use_starting_policy(model, frozen)
+        assert models.active_adapters(model) == (frozen or [models.TRAINABLE])
+        assert all(getattr(m, "disable_adapters", False) != bool(frozen) for m in model.modules()
+                   if hasattr(m, "lora_A"))  # round 1: the adapter layers are off altogether
+        without = model(input_ids=ids).logits
+    assert torch.equal(with_new, without)
+    models.use_training_stack(model, frozen)
+    assert models.active_adapters(model) == frozen + [models.TRAINABLE]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{models.TRAINABLE}." in n for n in trainable)
