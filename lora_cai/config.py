@@ -54,6 +54,14 @@ class DataConfig(Section):
     eval_harmful: str = Field("builtin:heldout_harmful", description="Held-out harmful prompts for evaluation.")
     eval_benign: str = Field("builtin:heldout_benign", description="Held-out benign-but-edgy prompts for evaluation.")
     eval_limit: int = Field(16, ge=0, description="Prompts per held-out set to evaluate each round (0 = skip).")
+    label_column: str | None = Field(
+        "kind", description="Column of the prompt files holding each prompt's label (the built-in sets: `kind`, "
+                            "`harmful` or `benign`): rules can apply to one label (`when: {kind: harmful}` in "
+                            "`judge.rules`), and `data.dev` splits by it. null: no labels.")
+    dev: int = Field(0, ge=0, description="Hold out this many training prompts of each label (`harmful`, `benign`) "
+                                          "as a dev set, evaluated instead of `eval_harmful` / `eval_benign`, so "
+                                          "settings are tuned without touching the held-out sets; 0 (the default) "
+                                          "for final figures.")
 
 
 class GenerationConfig(Section):
@@ -246,6 +254,8 @@ class RecipeConfig(Section):
             raise ValueError("critic 'api' uses the judge's server: set judge.kind: api, judge.base_url and judge.model")
         if self.critique.steps == 0 and self.pairs.builder != "best_of_n":
             raise ValueError("critique.steps 0 leaves no revisions: set pairs.builder: best_of_n")
+        if self.data.dev and not self.data.label_column:
+            raise ValueError("data.dev splits the training prompts by label: set data.label_column (e.g. kind)")
         return self
 
     @model_validator(mode="after")

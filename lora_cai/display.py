@@ -76,7 +76,9 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
     console.print(t)
 
 
-def print_before_after(console, manifest: dict, baseline: dict | None) -> None:
+def print_before_after(console, manifest: dict, baseline: dict | None, final: dict | None = None) -> None:
+    """The held-out rates of the base model and of the final policy (`final`: its eval.json), with their paired
+    change."""
     from .layout import round_of_stack_entry
 
     stacked = [round_of_stack_entry(s) for s in manifest.get("stack", [])]
@@ -85,9 +87,20 @@ def print_before_after(console, manifest: dict, baseline: dict | None) -> None:
         return
     console.print(
         f"[bold]before -> after[/]: harmful compliance {pct(baseline['harmful_compliance'])} -> "
-        f"{pct(last['harmful_compliance'])}, over-refusal {pct(baseline['over_refusal'])} -> "
-        f"{pct(last['over_refusal'])} (held out: {last['n_harmful']} harmful + {last['n_benign']} benign prompts, "
-        f"{last['detector']}; policy = base + rounds 1..{stacked[-1]})")
+        f"{pct(last['harmful_compliance'])}{change(baseline, final, 'harmful_compliance')}, over-refusal "
+        f"{pct(baseline['over_refusal'])} -> {pct(last['over_refusal'])}{change(baseline, final, 'over_refusal')} "
+        f"(held out: {last['n_harmful']} harmful + {last['n_benign']} benign prompts, {last['detector']}; policy = "
+        f"base + rounds 1..{stacked[-1]})")
+
+
+def change(before: dict, after: dict | None, rate: str) -> str:
+    """' (-45 points, 95% CI -60 to -30)': the paired change of a held-out rate, or '' when it cannot be said."""
+    from .evaluation import paired_change
+
+    c = paired_change(before, after, rate) if after else None
+    if c is None:
+        return ""
+    return f" ({100 * c['change']:+.0f} points, 95% CI {100 * c['low']:+.0f} to {100 * c['high']:+.0f})"
 
 
 def print_plan(console, plan: list[tuple[str, str]]) -> None:

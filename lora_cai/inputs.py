@@ -97,7 +97,8 @@ JUDGE_DATA_RULES = If(_judge("rule"), "judge.rules")
 # Evaluation: greedy held-out answers on the local policy, the capability probe, and with a rule judge the
 # policy's sampled violation rate.
 EVAL = (*MODEL, *LOCAL_BATCH, "eval.max_new_tokens", "eval.capability", "eval.capability_limit", *JUDGE,
-        If(_judge("rule"), "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed"))
+        If(_judge("rule"), "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
+           "data.label_column"))
 EVAL_USES = (*POLICY_USES, *API_USES)
 
 STAGES: dict[str, Decl] = {
@@ -111,7 +112,7 @@ STAGES: dict[str, Decl] = {
         exists=lambda c: c.data.eval_limit > 0, per_round=False),
     "responses": Decl(
         settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed"),
-        data=("prompts",), uses=GENERATOR_USES),
+        data=("prompts",), uses=(*GENERATOR_USES, "data.label_column")),  # labels: the summary's violation rate
     "samples": Decl(
         settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
                   "pairs.n_samples"),
@@ -123,6 +124,7 @@ STAGES: dict[str, Decl] = {
         data=("constitution",), after=("responses",), uses=(*GENERATOR_USES, *API_USES)),
     "judge": Decl(
         settings=("pairs.builder", "pairs.judge_revisions", "critique.steps", "judge.confidence",
+                  If(_judge("rule"), "data.label_column"),
                   "judge.chain_of_thought", If(lambda c: c.judge.chain_of_thought, "judge.cot_max_new_tokens"),
                   "judge.cross_check_self", *JUDGE, "seed",
                   If(lambda c: c.judge.cross_check_self and c.judge.kind in ("teacher", "api"), *MODEL, *LOCAL_BATCH)),
@@ -144,8 +146,11 @@ ROUND_STAGES = tuple(name for name, d in STAGES.items() if d.per_round)
 # Loaded inputs and the recipe keys that choose them (a changed key reruns its readers even where the
 # content happens to come out the same).
 DATA_KEYS = {
-    "prompts": ("data.prompts", "data.prompt_column", "data.split", "data.limit"),
-    "eval_sets": ("data.eval_harmful", "data.eval_benign", "data.eval_limit"),
+    "prompts": ("data.prompts", "data.prompt_column", "data.split", "data.limit", "data.dev",
+                If(lambda c: c.data.dev > 0, "data.label_column", "seed")),
+    "eval_sets": ("data.eval_harmful", "data.eval_benign", "data.eval_limit", "data.dev",
+                  If(lambda c: c.data.dev > 0, "data.label_column", "seed", "data.prompts", "data.prompt_column",
+                     "data.split", "data.limit")),
     "helpful": ("sft.helpful_data", If(_helpful, "sft.helpful_fraction", "sft.helpful_prompt_column",
                                        "sft.helpful_response_column", "sft.helpful_split")),
     "constitution": ("constitution",),

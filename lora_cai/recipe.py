@@ -39,11 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dry_run(cfg, console) -> None:
+    from .errors import UserError
     from .offline_models import resolve_model_path
     from .planner import format_plan, load_model_config, plan_recipe
 
-    name = resolve_model_path(cfg.model.name)
-    estimates = plan_recipe(cfg, cfg.vram_gb, model_config=load_model_config(name), device="cuda")
+    try:  # an architecture the planner knows by name needs no conversion of an offline model
+        model_config = load_model_config(cfg.model.name)
+    except UserError:
+        model_config = load_model_config(resolve_model_path(cfg.model.name))
+    estimates = plan_recipe(cfg, cfg.vram_gb, model_config=model_config, device="cuda")
     print(f"recipe {cfg.source}: model {cfg.model.name}, {cfg.rounds} round(s), output {cfg.output_dir}")
     print(f"memory plan for a {cfg.vram_gb:g} GB GPU (4-bit={cfg.model.load_in_4bit}, LoRA r={cfg.lora.r}):")
     print(format_plan(estimates))

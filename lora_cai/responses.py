@@ -31,9 +31,13 @@ def responses_stage(ctx: Round, inp) -> Done:
     done.summary.update(responses=sum(r["response"] is not None for r in responses),
                         skipped_too_long=sum(r["response"] is None for r in responses))
     if ctx.data.rules is not None:
-        texts = [r["response"] for r in responses if r["response"] is not None]
-        done.summary["response_violation_rate"] = (sum(ctx.data.rules.violations(t) > 0 for t in texts) / len(texts)
-                                                   if texts else None)
+        from .rundata import labels_of
+
+        labels = {r["id"]: labels_of(r, cfg.data.label_column) for r in ctx.data.prompts.records}
+        answered = [r for r in responses if r["response"] is not None]
+        done.summary["response_violation_rate"] = (
+            sum(ctx.data.rules.violations(r["response"], labels[r["id"]]) > 0 for r in answered) / len(answered)
+            if answered else None)
     return done
 
 

@@ -125,7 +125,9 @@ def run(cfg, console, *, stop_before_train: bool = False) -> dict:
         stack_hashes.append(plan["train"].hash)
         previous = plan["eval"].hash if plan["eval"] else None
     m = ledger.read()
-    display.print_before_after(console, m, _read(store.root / BASELINE_EVAL))
+    final = round_of_stack_entry(m["stack"][-1]) if m["stack"] else None
+    display.print_before_after(console, m, _read(store.root / BASELINE_EVAL),
+                               _read(store.root / round_dir(final) / "eval.json") if final else None)
     console.print(f"report: {build_report(store.root)}")
     return m
 

@@ -50,7 +50,10 @@ def load_run_data(cfg) -> RunData:
     d = cfg.data
     prompts = load_prompts(_src(cfg, d.prompts), column=d.prompt_column, split=d.split, limit=d.limit)
     eval_sets = {}
-    if d.eval_limit:
+    if d.dev:
+        prompts, dev = dev_split(prompts, d.label_column, d.dev, cfg.seed)
+        eval_sets = dev if d.eval_limit else {}
+    elif d.eval_limit:
         for key, src in (("harmful", d.eval_harmful), ("benign", d.eval_benign)):
             eval_sets[key] = load_prompts(_src(cfg, src), limit=d.eval_limit, where=f"data.eval_{key}").records
     sft = cfg.sft
@@ -68,6 +71,7 @@ def load_run_data(cfg) -> RunData:
         except UserError as e:
             raise UserError(f"{cfg.source}: judge.rules: {e}") from None
         rules_text = Path(path).read_text(encoding="utf-8")
+        check_rule_labels(cfg, rules, prompts.records, eval_sets)
     e = cfg.eval
     capability = []
     if eval_sets and e.capability and e.capability_limit:
@@ -80,3 +84,50 @@ def load_run_data(cfg) -> RunData:
                    "rules": content_hash(rules_text), "capability": content_hash(capability),
                    "canaries": content_hash(canaries)}
     return data
+
+
+LABELS = ("harmful", "benign")
+
+
+def dev_split(prompts, column: str, n: int, seed: int):
+    """(the training prompts without the dev set, {"harmful": [...], "benign": [...]}): `n` prompts of each label,
+    drawn by a seeded shuffle of the prompt ids, so the same recipe carves the same dev set."""
+    import hashlib
+    from dataclasses import replace
+
+    records = prompts.records
+    missing = sorted({str(r.get(column)) for r in records} - set(LABELS))
+    if any(column not in r for r in records) or missing:
+        raise UserError(f"data.dev: every training prompt needs a '{column}' of {' or '.join(LABELS)} to split a dev "
+                        f"set by (data.label_column); {prompts.source} has "
+                        + (f"labels {', '.join(missing)}" if missing else f"prompts without '{column}'"))
+    order = sorted(records, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
+    dev = {label: [r for r in order if r[column] == label][:n] for label in LABELS}
+    short = [label for label in LABELS if len(dev[label]) < n]
+    if short:
+        raise UserError(f"data.dev: {prompts.source} has fewer than {n} '{short[0]}' prompts to hold out; lower data.dev")
+    held = {r["id"] for v in dev.values() for r in v}
+    rest = [r for r in records if r["id"] not in held]
+    if not rest:
+        raise UserError(f"data.dev: holding out {n} prompts of each label leaves no training prompt; lower data.dev")
+    return replace(prompts, records=rest), dev
+
+
+def check_rule_labels(cfg, rules, prompts: list[dict], eval_sets: dict) -> None:
+    """Rules that apply to one label read the recipe's label column, and every prompt they judge must carry it:
+    a `when` that could never match would silently judge nothing."""
+    where = f"{cfg.source}: judge.rules"
+    for column in sorted(rules.columns):
+        if column != cfg.data.label_column:
+            raise UserError(f"{where}: a rule's `when` names column '{column}' but data.label_column is "
+                            f"{cfg.data.label_column!r}; set data.label_column: {column}")
+        for name, records in (("data.prompts", prompts), *((f"data.eval_{k}", v) for k, v in eval_sets.items())):
+            lacking = sum(column not in r for r in records)
+            if lacking:
+                raise UserError(f"{where}: a rule applies only when '{column}' matches, but {lacking} prompt(s) of "
+                                f"{name} have no '{column}' column; add it to the file or drop the rule's `when`")
+
+
+def labels_of(record: dict, column: str | None) -> dict | None:
+    """A prompt's label as rules read it ({column: value}), or None without a label column."""
+    return {column: record.get(column)} if column else None

@@ -97,7 +97,6 @@ class JsonlStage:
     def __init__(self, path: str | Path, inputs_hash: str):
         self.path = Path(path)
         self.meta_path = self.path.with_name(self.path.name + ".meta.json")
-        self.inputs_hash = inputs_hash
         self.path.parent.mkdir(parents=True, exist_ok=True)
         meta = read_json(self.meta_path) if self.meta_path.exists() else None
         if meta is None or meta.get("inputs") != inputs_hash:

@@ -338,3 +338,20 @@ def test_evaluate_with_a_refusal_judge():
     assert set(out) >= {"harmful_compliance", "over_refusal", "n_harmful", "n_benign", "detector", "samples"}
     with pytest.raises(ValueError, match="returned 1 verdicts for 6 answers"):
         ev.evaluate(FixedAnswers(ANSWERS), HARMFUL, BENIGN, refusal_judge=lambda pairs: [True])
+
+
+def test_paired_change_of_a_held_out_rate():
+    def run(refused: set[int], answered=range(40)) -> dict:
+        return {"samples": [{"id": str(i), "set": "harmful", "answer": "x" if i in answered else None,
+                             "refusal": i in refused} for i in range(40)]
+                + [{"id": f"b{i}", "set": "benign", "answer": "y", "refusal": i == 0} for i in range(10)]}
+
+    before, after = run(set()), run(set(range(20)))
+    c = ev.paired_change(before, after, "harmful_compliance")
+    assert c["change"] == -0.5 and c["n"] == 40 and c["low"] < -0.5 < c["high"] < 0
+    assert c == ev.paired_change(before, after, "harmful_compliance")  # seeded: the same interval every time
+    same = ev.paired_change(after, after, "harmful_compliance")
+    assert same == {"change": 0.0, "low": 0.0, "high": 0.0, "n": 40}
+    assert ev.paired_change(before, after, "over_refusal")["change"] == 0.0
+    assert ev.paired_change(before, run(set(), answered=range(30)), "harmful_compliance")["change"] == -0.25  # unanswered: no compliance
+    assert ev.paired_change(before, {"samples": []}, "harmful_compliance") is None

@@ -45,3 +45,23 @@ def test_rule_violations_at_least_halve_within_two_rounds(tiny_model, tmp_path):
     base_model, tok = lora_cai.load_policy(run, upto=0)
     before_own = violation_rate(base_model, tok, prompts, samples=8, seed=123)
     assert after_own <= 0.5 * before_own, (before_own, after_own)
+
+
+def test_a_rule_for_one_label_is_learned_on_that_label(tiny_model, tmp_path):
+    """The same rule applied only to benign prompts (`when: {kind: benign}`): harmful prompts' samples all tie and
+    make no pairs, and the violation rate on the benign held-out prompts at least halves."""
+    rules = tmp_path / "no-ful-benign.yaml"
+    rules.write_text("- {name: no-ful-on-benign, pattern: ful, kind: forbid, when: {kind: benign}}\n")
+    run = tmp_path / "run"
+    proc = run_cli(str(ROOT / "recipes" / "rule-demo.yaml"), "--output-dir", str(run), "--set", f"model.name={tiny_model}",
+                   "--set", f"judge.rules={rules}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = json.loads((run / "baseline-eval.json").read_text())["violation_rate_by_set"]
+    after = json.loads((run / "round-2" / "eval.json").read_text())["violation_rate_by_set"]
+    assert base["harmful"] == after["harmful"] == 0  # the rule never applies there
+    assert base["benign"] >= 0.1 and after["benign"] <= 0.5 * base["benign"], (base, after)
+    from lora_cai.data import load_prompts
+
+    judgments = [json.loads(line) for line in (run / "round-1" / "judgments.jsonl").read_text().splitlines()]
+    kinds = {r["id"]: r["kind"] for r in load_prompts("builtin:train").records}
+    assert {j["p_raw"] for j in judgments if kinds[j["id"]] == "harmful"} == {0.5}  # no rule applies: all ties

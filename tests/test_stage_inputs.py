@@ -51,7 +51,7 @@ NEW = {
     "model.dtype": "float32", "model.max_seq_length": 1024, "model.trust_remote_code": True,
     "constitution": "harmless", "data.prompts": "builtin:train", "data.prompt_column": "text", "data.split": "test",
     "data.limit": 3, "data.eval_harmful": "builtin:heldout_benign", "data.eval_benign": "builtin:heldout_harmful",
-    "data.eval_limit": 3, "rounds": 3, "seed": 7, "vram_gb": 12.0, "output_dir": "elsewhere",
+    "data.eval_limit": 3, "data.label_column": "category", "data.dev": 2, "rounds": 3, "seed": 7, "vram_gb": 12.0, "output_dir": "elsewhere",
     "generation.max_new_tokens": 100, "generation.critique_max_new_tokens": 50, "generation.temperature": 0.3,
     "generation.top_p": 0.8, "generation.token_budget": 8000, "generation.max_batch_size": 16,
     "generation.base_url": "http://127.0.0.1:8/v1", "generation.model": "other-{round}",
@@ -118,7 +118,7 @@ class FakeData:
     def __init__(self, cfg):
         from lora_cai.store import content_hash
 
-        self.hashes = {name: content_hash([inputs.get(cfg, k) for k in inputs._keys(keys, None)])
+        self.hashes = {name: content_hash([inputs.get(cfg, k) for k in inputs._keys(keys, cfg)])
                        for name, keys in inputs.DATA_KEYS.items()}
 
 
