@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install lora_cai into ./.venv on a fresh machine (Linux, Python >= 3.10).
-#   ./setup.sh          the package, Unsloth, and the offline SmolLM2 model for recipes/smoke.yaml
+#   ./setup.sh          the package, Unsloth, and the offline SmolLM2 model for the smoke recipe
 #   ./setup.sh --dev    the same plus the test tools
 # GPU machines on the normal PyPI index can instead run: pip install "lora-cai[unsloth]" (see README).
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Benchmark: the README's first command, `python -m lora_cai.recipe recipes/smoke.yaml`, timed end to end.
+"""Benchmark: the README's first command, `python -m lora_cai.recipe smoke`, timed end to end.
 
 Runs the smoke recipe `--repeats` times from this checkout, each into a fresh run directory (the SmolLM2 model
 already converted into the cache), and prints the wall time of each run, their median and the seconds per

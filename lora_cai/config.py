@@ -117,8 +117,10 @@ class JudgeConfig(Section):
     api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key "
                                                       "(the key itself is never written anywhere).")
     load_in_4bit: bool = Field(True, description="Load a local teacher in 4-bit NF4.")
-    rules: str | None = Field(None, description="YAML file of regex rules for `kind: rule`: a list of "
-                                                "{name, pattern, kind: forbid|require}.")
+    rules: str | None = Field(None, description="Rule file for `kind: rule` (`builtin:refuse-harmful`, "
+                                                "`builtin:no-ful`, or a path to YAML): a list of {name, pattern "
+                                                "or detector: refusal, kind: forbid|require, when: {label "
+                                                "column: label}}.")
     chain_of_thought: bool = Field(False, description="Generate a rationale before scoring; the label is then "
                                                       "clamped to [0.4, 0.6] as in the CAI paper.")
     cot_max_new_tokens: int = Field(128, gt=0, description="Tokens per chain-of-thought rationale.")
@@ -264,6 +266,11 @@ class RecipeConfig(Section):
             object.__setattr__(self, "output_dir", str(Path("runs") / self.name))
         return self
 
+    def rules_file(self) -> str:
+        """`judge.rules` as a file: a rule file shipped with the package (`builtin:no-ful`) or a path."""
+        rules = self.judge.rules
+        return str(builtin_rules(rules)) if rules.startswith("builtin:") else self.resolve(rules)
+
     def resolve(self, path: str) -> str:
         """A path from the recipe, resolved against the recipe's folder when relative and present there."""
         p = Path(path).expanduser()
@@ -308,13 +315,63 @@ def _format_error(err: dict) -> str:
     return f"key '{key}': {err['msg'].removeprefix('Value error, ')} (got {shown})"
 
 
-def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> RecipeConfig:
-    """Read and validate a recipe YAML; `overrides` are `key.sub=value` strings (values parsed as YAML)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a recipe file (give the path to a YAML recipe, e.g. recipes/smoke.yaml)")
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # the built-in recipes and their rule files
+RULES_DIR = RECIPES_DIR / "rules"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """The recipes shipped inside the package, by name (`smoke` is lora_cai/recipes/smoke.yaml)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_header(path: Path) -> dict[str, str]:
+    """The `# Launch:`, `# Purpose:` and `# Hardware:` lines at the top of a recipe, by field."""
+    out = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        key, _, value = line.lstrip("# ").partition(":")
+        if key in ("Launch", "Purpose", "Hardware") and key not in out:
+            out[key] = value.strip()
+    return out
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: a path as given, or a built-in recipe by name (`smoke`)."""
+    path = Path(name_or_path)
+    text = str(name_or_path)
+    if path.exists() or "/" in text or "\\" in text or path.suffix.lower() in (".yaml", ".yml"):
+        if path.is_dir():
+            raise UserError(f"{path}: is a directory, not a recipe file (give a built-in recipe name such as smoke, or "
+                            f"the path to a YAML recipe)")
+        if not path.is_file():
+            raise UserError(f"{path}: recipe file not found (give a built-in recipe name such as smoke, or the path "
+                            f"to a YAML recipe; python -m lora_cai.recipe --list shows the built-ins)")
+        return path
+    builtins = builtin_recipes()
+    if text not in builtins:
+        import difflib
+
+        close = difflib.get_close_matches(text, list(builtins), n=1)
+        raise UserError(f"{text}: no such built-in recipe{f' (did you mean {close[0]}?)' if close else ''} and no such "
+                        f"file; built-ins: {', '.join(builtins)} (python -m lora_cai.recipe --list)")
+    return builtins[text]
+
+
+def builtin_rules(source: str) -> Path:
+    """`builtin:<name>` as a rule file shipped with the package (lora_cai/recipes/rules/<name>.yaml)."""
+    name = source.split(":", 1)[1]
+    path = RULES_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"{path}: recipe file not found (give the path to a YAML recipe, e.g. recipes/smoke.yaml)")
+        available = ", ".join(f"builtin:{p.stem}" for p in sorted(RULES_DIR.glob("*.yaml")))
+        raise UserError(f"judge.rules: no built-in rule file '{source}' (available: {available}); or give a path")
+    return path
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> RecipeConfig:
+    """Read and validate a recipe (a built-in name or a YAML path); `overrides` are `key.sub=value` strings (values
+    parsed as YAML)."""
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

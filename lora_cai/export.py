@@ -92,8 +92,6 @@ def _dequantize_to_cpu_fp32(model):
 def merged_model(model_cfg, adapter_dirs: list[Path], *, backend: str = "transformers"):
     """The base loaded as trained (4-bit when `model_cfg.load_in_4bit`), dequantized to fp32 on the CPU, with
     every adapter in `adapter_dirs` merged in order. Returns `(model, tokenizer)`: a plain fp32 model."""
-    from peft import PeftModel
-
     from .models import load_base, stack_name
 
     for path in adapter_dirs:
@@ -101,6 +99,8 @@ def merged_model(model_cfg, adapter_dirs: list[Path], *, backend: str = "transfo
             raise UserError(f"{path}: not a PEFT adapter folder (adapter_config.json missing); the run directory is "
                             f"damaged: restore it, or export fewer adapters with --upto")
     model, tokenizer = load_base(model_cfg, backend)
+    from peft import PeftModel  # after the base: Unsloth (backend unsloth) must be imported before peft
+
     model = _dequantize_to_cpu_fp32(model)
     if not adapter_dirs:
         return model.eval(), tokenizer

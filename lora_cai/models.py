@@ -63,12 +63,20 @@ def resolve_backend(requested: str) -> str:
 
 
 def pick_dtype(name: str):
+    """The compute dtype of `model.dtype`, the one rule for loading, generation, judging and training: `auto` is
+    bfloat16 only on GPUs that compute it natively (compute capability 8 and up: A100, RTX 30xx/40xx, L4), float16
+    on older ones (T4, V100, P100), float32 on a CPU.
+
+    `torch.cuda.is_bf16_supported()` alone says True on a T4, because a bfloat16 tensor can be created there
+    (`including_emulation=True`); its matmuls are then emulated, slowly. Unsloth's own CUDA setup makes the same
+    call with `including_emulation=False`.
+    """
     import torch
 
     if name != "auto":
         return getattr(torch, name)
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 
@@ -119,8 +127,13 @@ def load_base(model_cfg, backend: str):
             if model_cfg.load_in_4bit:
                 kwargs["quantization_config"] = _bnb_config(dtype)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise UserError(f"model.name: cannot load '{model_cfg.name}' ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a missing folder, an unsupported architecture, a broken weights or tokenizer file
+        if type(e).__name__ == "OutOfMemoryError":
+            raise  # the CLI says what to do about memory
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise UserError(f"model.name: cannot load '{model_cfg.name}' ({type(e).__name__}: {first}); check the name or "
+                        f"path, that the folder holds a complete chat model (config.json, weights, tokenizer), and "
+                        f"that this transformers version supports its architecture") from None
     keep_4bit_layers_unpacked(model)
     return model, _prepare_tokenizer(tokenizer)
 
@@ -319,8 +332,6 @@ def load_policy(run_dir, *, upto: int | None = None, backend: str = "auto", mode
 
     Returns `(model, tokenizer)` in eval mode.
     """
-    from peft import PeftModel
-
     from .config import ModelConfig
     from .store import RunStore
 
@@ -331,6 +342,8 @@ def load_policy(run_dir, *, upto: int | None = None, backend: str = "auto", mode
     stack = manifest["stack"] if upto is None else manifest["stack"][:upto]
     model_cfg = ModelConfig(**{**manifest["model"], **(model_overrides or {})})
     backend = resolve_backend(backend if backend != "auto" else manifest.get("backend", "auto"))
+    from peft import PeftModel  # after the backend: Unsloth must be imported before peft to patch it
+
     model, tokenizer = load_base(model_cfg, backend)
     names = []
     for k, rel in enumerate(stack, 1):

@@ -20,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lora_cai.recipe",
         description="Run Constitutional AI rounds (critique, revision, SFT + DPO on stacked LoRA adapters) "
                     "from a YAML recipe.")
-    p.add_argument("recipe", nargs="?", help="path to a recipe YAML (see recipes/)")
+    p.add_argument("recipe", nargs="?", help="a built-in recipe's name (see --list) or the path to a recipe YAML")
+    p.add_argument("--list", action="store_true", help="list the built-in recipes with their purpose and hardware")
+    p.add_argument("--copy", metavar="DEST", help="write an editable copy of RECIPE (a built-in name or a file) to "
+                                                   "DEST (never overwrites)")
     p.add_argument("--output-dir", help="run directory (overrides the recipe's output_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set rounds=2 --set sft.learning_rate=1e-4 (repeatable)")
@@ -82,14 +85,57 @@ def _print_keys() -> None:
         print(f"{key:32} {typ:24} default {default}\n    {help_}")
 
 
+def list_recipes() -> None:
+    from .config import builtin_recipes, recipe_header
+
+    for name, path in builtin_recipes().items():
+        h = recipe_header(path)
+        print(f"{name:20} {h.get('Purpose', '')}\n{'':20} hardware: {h.get('Hardware', '?')}")
+    print("run one: python -m lora_cai.recipe NAME; edit a copy: python -m lora_cai.recipe NAME --copy my.yaml")
+
+
+def copy_recipe(name: str, dest: str) -> Path:
+    """An editable copy of a recipe; its relative file references still resolve from `dest`'s folder."""
+    from .config import find_recipe, load_recipe
+    from .errors import UserError
+
+    src, dest = find_recipe(name), Path(dest)
+    if dest.exists():
+        raise UserError(f"--copy {dest}: already exists; choose another file name (nothing was overwritten)")
+    cfg = load_recipe(src)
+    text = src.read_text(encoding="utf-8")
+    # A built-in recipe's own files come as builtin: names, which resolve from anywhere; a recipe's relative
+    # paths to files beside it would not, so they become absolute.
+    for key, value in (("constitution", cfg.constitution), ("judge.rules", cfg.judge.rules)):
+        if value and not value.startswith("builtin:") and (src.parent / value).is_file() and not Path(value).is_absolute():
+            text = text.replace(value, str((src.parent / value).resolve()))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "x", encoding="utf-8") as f:  # "x": never overwrite, even in a race
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"--copy {dest}: cannot write it ({e.strerror or e})") from None
+    return dest
+
+
 def _main(args) -> int:
     if args.help_keys:
         _print_keys()
         return 0
+    if args.list:
+        list_recipes()
+        return 0
+    if args.copy:
+        if not args.recipe:
+            from .errors import UserError
+
+            raise UserError("--copy needs a recipe to copy, e.g. python -m lora_cai.recipe smoke --copy my.yaml")
+        print(f"wrote {copy_recipe(args.recipe, args.copy)}; run it with python -m lora_cai.recipe {args.copy}")
+        return 0
     if not args.recipe:
         from .errors import UserError
 
-        raise UserError("give a recipe, e.g. python -m lora_cai.recipe recipes/smoke.yaml (see --help)")
+        raise UserError("give a recipe, e.g. python -m lora_cai.recipe smoke (--list shows the built-ins; see --help)")
     from rich.console import Console
 
     from .config import load_recipe

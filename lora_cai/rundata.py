@@ -65,8 +65,8 @@ def load_run_data(cfg) -> RunData:
     if cfg.judge.kind == "rule":
         from .judge import RuleJudge
 
-        path = cfg.resolve(cfg.judge.rules)
         try:
+            path = cfg.rules_file()
             rules = RuleJudge.from_file(path)
         except UserError as e:
             raise UserError(f"{cfg.source}: judge.rules: {e}") from None

@@ -99,13 +99,14 @@ def install_logprob_fallback() -> None:
 
 
 def _precision_args(model) -> dict:
+    """The trainers' mixed precision follows the dtype the model was loaded in (`models.pick_dtype`, the one rule):
+    bf16 for bfloat16, fp16 (with its gradient scaler) for float16, neither for float32; none on a CPU."""
     import torch
 
     if not torch.cuda.is_available():
         return {"bf16": False, "fp16": False, "use_cpu": True}
-    dtype = getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", None)
-    bf16 = torch.cuda.is_bf16_supported() and dtype != torch.float16
-    return {"bf16": bf16, "fp16": not bf16}
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
 # Loggers TRL/Transformers can report to: the package that must be importable, and the environment

@@ -79,6 +79,27 @@ def test_notebook_uses_public_api_only(name):
                 assert node.attr in lora_cai.__all__, f"{name}: lora_cai.{node.attr} is not public API"
 
 
+@pytest.mark.parametrize("name", ["colab_quickstart.ipynb", "local_24gb.ipynb"])
+def test_the_install_cell_names_its_source_or_says_in_one_sentence_to_set_it(name, tmp_path, monkeypatch):
+    """lora_cai is not on PyPI yet: the install cell installs from LORA_CAI_SOURCE (a git URL or a wheel), and
+    without one stops with a sentence saying what to set, instead of a pip error."""
+    cell = next(src for src in _code_cells(_read(name)) if "LORA_CAI_SOURCE =" in src)
+    with pytest.raises(SystemExit) as e:
+        exec(cell, {"SMOKE": False})
+    assert "Set LORA_CAI_SOURCE" in str(e.value) and str(e.value).count(".") == 1
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda args, **kw: calls.append(args))  # what pip would be asked
+    wheel = tmp_path / "lora_cai-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    exec(cell.replace('LORA_CAI_SOURCE = ""', f'LORA_CAI_SOURCE = "{wheel}"'), {"SMOKE": False})
+    exec(cell.replace('LORA_CAI_SOURCE = ""', 'LORA_CAI_SOURCE = "git+https://example.org/lora_cai.git"'),
+         {"SMOKE": False})
+    assert calls[0][-1] == f"lora-cai[unsloth] @ {wheel.resolve().as_uri()}"
+    assert calls[1][-1] == "lora-cai[unsloth] @ git+https://example.org/lora_cai.git"
+
+
 # ------------------------------------------------------------------------------------------------ execution
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory):

@@ -3,7 +3,9 @@ a recipe's header are what the planner computes for it today. No download, no mo
 
 Header lines checked (the figures are GiB, as `--dry-run` prints them, to one decimal):
 
-    # Launch: python -m lora_cai.recipe recipes/<this file>       (optionally after a setup command and `&&`)
+    # Launch: python -m lora_cai.recipe <name>                    (optionally after a setup command and `&&`)
+    # Purpose: <one line>
+    # Hardware: <one line>
     # Planner estimate: peak 15.0 GB (stage sft) on vram_gb 24
     # Planner stages: generation 13.8 GB (batch 16x1), sft 15.0 GB (batch 16x1), dpo 15.0 GB (batch 8x1)
     # Teacher estimate: generation 12.1 GB (batch 16x1), ...      (recipes with a local teacher)
@@ -16,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai.config import load_recipe
+from lora_cai.config import load_recipe, recipe_header
 from lora_cai.errors import UserError
 from lora_cai.planner import KNOWN, load_model_config, plan_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "lora_cai" / "recipes").glob("*.yaml"))
 PEAK = re.compile(r"^# Planner estimate: peak (\d+\.\d) GB \(stage (\w+)\) on vram_gb (\d+(?:\.\d+)?)$", re.M)
 STAGES = re.compile(r"^# Planner stages: (.*)$", re.M)
 TEACHER = re.compile(r"^# Teacher estimate: (.*)$", re.M)
@@ -53,12 +55,14 @@ def test_recipe_validates_and_opens_with_its_launch_command(path):
 
     text = path.read_text(encoding="utf-8")
     first = text.splitlines()[0]
-    assert re.fullmatch(rf"# Launch: (?:\S.* && )?python -m lora_cai\.recipe recipes/{re.escape(path.name)}", first), first
+    assert re.fullmatch(rf"# Launch: (?:\S.* && )?python -m lora_cai\.recipe {re.escape(path.stem)}", first), first
+    header = recipe_header(path)
+    assert header.get("Purpose") and header.get("Hardware"), f"{path.name}: needs '# Purpose:' and '# Hardware:'"
     cfg = load_recipe(path)
     name = cfg.constitution
     load_constitution(cfg.resolve(name) if name.endswith((".yaml", ".yml")) or "/" in name else name)
     if cfg.judge.rules:
-        assert Path(cfg.resolve(cfg.judge.rules)).is_file(), f"{path.name}: judge.rules file missing"
+        assert Path(cfg.rules_file()).is_file(), f"{path.name}: judge.rules file missing"
 
 
 def test_recipes_write_to_their_own_run_directories():
@@ -123,3 +127,38 @@ def test_dry_run_prints_the_header_figures(path, capsys):
     for m in STAGE.finditer(STAGES.search(path.read_text(encoding="utf-8")).group(1)):
         row = re.search(rf"^{m.group(1)}\s+{m.group(3)}\s+{m.group(4)}\s.*\s(\d+\.\d\d)$", out, re.M)
         assert row and abs(float(row.group(1)) - float(m.group(2))) <= 0.1, out
+
+
+def test_built_in_recipes_by_name_list_and_copy(tmp_path, capsys, monkeypatch):
+    from lora_cai.config import builtin_recipes
+    from lora_cai.recipe import main
+
+    monkeypatch.chdir(tmp_path)  # nothing of the checkout's recipes/ folder is in reach
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name, path in builtin_recipes().items():
+        assert name in out and recipe_header(path)["Purpose"] in out
+    assert main(["smoke", "--dry-run"]) == 0  # a name: the built-in recipe, planned without loading a model
+    assert "recipe " in capsys.readouterr().out
+    assert main(["rule-demo", "--copy", "mine.yaml"]) == 0
+    capsys.readouterr()
+    copy = load_recipe("mine.yaml")
+    assert Path(copy.rules_file()).is_file() and copy.judge.rules == "builtin:no-ful"
+    before = (tmp_path / "mine.yaml").read_bytes()
+    assert main(["smoke", "--copy", "mine.yaml"]) == 2  # never overwrites
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and (tmp_path / "mine.yaml").read_bytes() == before
+    assert main(["smok"]) == 2
+    assert "did you mean smoke?" in capsys.readouterr().err
+
+
+def test_a_copied_recipe_keeps_its_relative_files(tmp_path, capsys):
+    from lora_cai.recipe import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "rules.yaml").write_text("- {pattern: ful, kind: forbid}\n")
+    (src / "r.yaml").write_text("model: {name: m}\ndata: {prompts: builtin:smoke}\njudge: {kind: rule, rules: rules.yaml}\n")
+    assert main([str(src / "r.yaml"), "--copy", str(tmp_path / "elsewhere" / "copy.yaml")]) == 0
+    cfg = load_recipe(tmp_path / "elsewhere" / "copy.yaml")
+    assert Path(cfg.rules_file()) == (src / "rules.yaml").resolve()
