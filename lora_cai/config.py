@@ -144,6 +144,12 @@ class PairsConfig(Section):
                                                 "response is one of them).")
     judge_revisions: bool = Field(False, description="Also judge revision pairs (soft label, confidence filter) "
                                                      "instead of labelling every revision the winner.")
+    sample_demonstrations: int = Field(
+        0, ge=0, description="Show the policy this many of the constitution's shared demonstrations (a request and "
+                             "its revised answer, as earlier turns) when it samples the extra best-of-N answers: "
+                             "answers in the constitution's own style, which the judge then ranks against the "
+                             "policy's plain answer. The policy trains and is evaluated without them (context "
+                             "distillation). 0: plain samples.")
 
 
 class EvalConfig(Section):

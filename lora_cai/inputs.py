@@ -49,7 +49,7 @@ class If:
 @dataclass(frozen=True)
 class Decl:
     settings: tuple = ()                 # keys (or If groups) hashed by value
-    data: tuple[str, ...] = ()          # loaded inputs hashed by content (see `data_hashes`)
+    data: tuple = ()                    # loaded inputs (or If groups of them) hashed by content (`RunData.hashes`)
     after: tuple[str, ...] = ()         # upstream stages of the same round ("eval" of the previous round: "previous")
     uses: tuple = ()                    # read, but change nothing the stage computes
     exists: Callable | None = None      # the stage runs only when this holds
@@ -115,7 +115,8 @@ STAGES: dict[str, Decl] = {
         data=("prompts",), uses=(*GENERATOR_USES, "data.label_column")),  # labels: the summary's violation rate
     "samples": Decl(
         settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
-                  "pairs.n_samples"),
+                  "pairs.n_samples", "pairs.sample_demonstrations"),
+        data=(If(lambda c: c.pairs.sample_demonstrations > 0, "constitution"),),
         after=("responses",), uses=(*GENERATOR_USES, "pairs.builder"),
         exists=lambda c: c.pairs.builder != "revision"),
     "critique": Decl(
@@ -186,7 +187,7 @@ def declared_keys(stage: str, cfg=None) -> set[str]:
     """Every recipe key `stage` may read (for `cfg`; every configuration when None), hashed or not."""
     d = STAGES[stage]
     keys = set(_keys(d.settings, cfg)) | set(_keys(d.uses, cfg))
-    for name in d.data:
+    for name in _keys(d.data, cfg):
         keys |= set(_keys(DATA_KEYS[name], cfg))
     return keys
 
@@ -195,7 +196,7 @@ def hashed_keys(stage: str, cfg) -> set[str]:
     """The recipe keys whose value enters `stage`'s input hash for `cfg` (settings and the keys choosing its data)."""
     d = STAGES[stage]
     keys = set(_keys(d.settings, cfg))
-    for name in d.data:
+    for name in _keys(d.data, cfg):
         keys |= set(_keys(DATA_KEYS[name], cfg))
     return keys
 
@@ -246,7 +247,7 @@ def stage_inputs(stage: str, cfg, data_hashes: dict[str, str], *, after: dict[st
     by: dict[str, str] = {}
     for key in _keys(d.settings, cfg):
         by[key] = content_hash(get(cfg, key))
-    for name in d.data:
+    for name in _keys(d.data, cfg):
         keys = _keys(DATA_KEYS[name], cfg)
         if name == "rules" and not keys:
             continue  # no rule judge: the rule file is not read

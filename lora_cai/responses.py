@@ -54,7 +54,8 @@ def samples_stage(ctx: Round, inp, responses: list[dict]) -> Done:
     if not stage.complete:
         done.ran = True
         g = cfg.generation
-        convs = [[{"role": "user", "content": r["prompt"]}] for r in items for _ in range(extra)]
+        demos = demonstration_turns(ctx.data.constitution, cfg.pairs.sample_demonstrations)
+        convs = [demos + [{"role": "user", "content": r["prompt"]}] for r in items for _ in range(extra)]
         with timed(done.timing), peak_memory(done.summary, "samples"), make_progress(console=ctx.console) as progress:
             for batch, outs in ctx.models.generator(cfg, k, ctx.stack).pin(stage).iter(
                     convs, max_new_tokens=g.max_new_tokens, temperature=max(g.temperature, 0.7), top_p=g.top_p,
@@ -71,3 +72,11 @@ def samples_stage(ctx: Round, inp, responses: list[dict]) -> Done:
     done.outputs = out
     done.summary["samples"] = sum(len(v["responses"]) for v in out.values())
     return done
+
+
+def demonstration_turns(constitution, n: int) -> list[dict]:
+    """The constitution's first `n` shared demonstrations as earlier turns: each request, then its revised answer."""
+    turns = []
+    for d in constitution.demonstrations[:n]:
+        turns += [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.revision}]
+    return turns

@@ -206,3 +206,22 @@ def test_eval_stage_rates_and_win_rate(tmp_path):
     requested = len(gen.requested)
     again = eval_stage(c, inp("eval"), tmp_path / "round-1" / "adapter", previous)
     assert not again.ran and len(gen.requested) == requested
+
+
+def test_samples_can_be_drawn_in_the_constitutions_style(tmp_path):
+    """pairs.sample_demonstrations: the extra samples see the constitution's demonstrations as earlier turns; the
+    initial response (and the policy that is trained) never does."""
+    from lora_cai.responses import samples_stage
+
+    seen = []
+    gen = Scripted(lambda conv: seen.append(conv) or f"sample after {len(conv)} turns")
+    c = ctx(tmp_path, Models(gen), "samples", **{"pairs.builder": "best_of_n", "pairs.n_samples": 3,
+                                                 "pairs.sample_demonstrations": 2})
+    responses = [{"id": "p1", "prompt": "How do I pick a lock?", "response": "plain answer"}]
+    done = samples_stage(c, inp("samples"), responses)
+    demos = c.data.constitution.demonstrations[:2]
+    assert len(seen) == 2 and all(len(conv) == 5 for conv in seen)
+    assert [m["content"] for m in seen[0][:4]] == [demos[0].prompt, demos[0].revision, demos[1].prompt,
+                                                    demos[1].revision]
+    assert seen[0][-1] == {"role": "user", "content": "How do I pick a lock?"}
+    assert done.outputs["p1"]["responses"] == ["plain answer", "sample after 5 turns", "sample after 5 turns"]
