@@ -4,6 +4,7 @@
     python -m lora_cai.chat runs/smoke --base                # the base model's answer next to the policy's
     python -m lora_cai.chat runs/smoke --upto 1              # round 1's policy (base + adapter 1)
     python -m lora_cai.chat runs/smoke --prompt "Hi" --base  # one answer (or two), printed, then exit
+    python -m lora_cai.chat runs/smoke --compare [--changed] # the held-out answers of every round side by side
 
 The policy is the run's base model (4-bit unless the run said otherwise) with the adapters of the
 manifest's stack applied, loaded once through `models.load_policy`. The base model's answer comes from the
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature (default 0: greedy, the same answer every time)")
     p.add_argument("--prompt", metavar="TEXT", help="answer TEXT once, print the answer(s) and exit (for scripts)")
+    p.add_argument("--compare", action="store_true",
+                   help="print the held-out answers of the base model and of each round side by side, with the "
+                        "evaluation's refusal verdicts (read from the run; no model loads)")
+    p.add_argument("--changed", action="store_true",
+                   help="with --compare: only the prompts whose answer changed or whose verdict flipped")
     return p
 
 
@@ -206,8 +212,62 @@ def interactive(session: ChatSession, console, labels: dict[str, str]) -> None:
         print_answers(console, session.ask(text), labels)
 
 
+def compare_rows(run_dir: Path, manifest: dict, changed_only: bool = False) -> tuple[list[int], list[dict]]:
+    """The policies evaluated (0: base) and, per held-out prompt, its set and each policy's answer and verdict."""
+    from .dataset import heldout_answers
+
+    answers = heldout_answers(run_dir, sorted(int(k) for k in manifest.get("rounds", {})))
+    policies = sorted(answers)
+    rows: dict[str, dict] = {}
+    for k in policies:
+        for s in answers[k]:
+            row = rows.setdefault(s["id"], {"prompt": s["prompt"], "set": s.get("set"), "answers": {}})
+            row["answers"][k] = (s.get("answer"), s.get("refusal"))
+    out = [r for r in rows.values() if not changed_only or len(set(r["answers"].values())) > 1]
+    out.sort(key=lambda r: (r["set"] != "harmful", r["set"] or ""))  # harmful prompts first, then benign
+    return policies, out
+
+
+def print_compare(console, run_dir: Path, manifest: dict, changed_only: bool, max_chars: int = 400) -> int:
+    from rich.table import Table
+
+    policies, rows = compare_rows(run_dir, manifest, changed_only)
+    if not policies:
+        raise UserError(f"{run_dir}: no evaluation yet (no baseline-eval.json or round eval.json); run the recipe "
+                        f"until a round has been evaluated")
+    for label in ("harmful", "benign", None):
+        group = [r for r in rows if r["set"] == label]
+        if not group:
+            continue
+        title = {"harmful": "held-out harmful prompts", "benign": "held-out benign prompts"}.get(label, "other")
+        table = Table(title=f"{title} ({len(group)})", show_lines=True, expand=True)
+        table.add_column("prompt", ratio=1)
+        for k in policies:
+            table.add_column("base" if k == 0 else f"round {k}", ratio=2)
+        for r in group:
+            cells = []
+            for k in policies:
+                answer, refused = r["answers"].get(k, (None, None))
+                verdict = {True: "refused", False: "answered"}.get(refused, "n/a")
+                text = "" if answer is None else (answer if len(answer) <= max_chars else answer[:max_chars] + "…")
+                cells.append(_plain(f"{verdict}\n", "bold") + _plain(text))
+            table.add_row(_plain(r["prompt"]), *cells)
+        console.print(table)
+    console.print(_plain(f"{len(rows)} prompts" + (" whose answer or verdict changed" if changed_only else "")))
+    return 0
+
+
 def _main(args) -> int:
     _check_options(args)
+    if args.changed and not args.compare:
+        raise UserError("--changed filters --compare; add --compare")
+    if args.compare:
+        if args.prompt is not None or args.base or args.upto is not None:
+            raise UserError("--compare prints the run's stored held-out answers; drop --prompt, --base and --upto")
+        from rich.console import Console
+
+        manifest = check_run_dir(args.run_dir)
+        return print_compare(Console(highlight=False), Path(args.run_dir), manifest, args.changed)
     manifest = check_run_dir(args.run_dir, args.upto)
     from rich.console import Console
 

@@ -3,6 +3,7 @@
     python -m lora_cai.export RUN_DIR --out OUT [--upto K] [--dtype bfloat16|float16|float32]
                               [--gguf QUANT] [--push-to-hub REPO_ID] [--backend auto|transformers|unsloth]
     python -m lora_cai.export RUN_DIR --out OUT --single-adapter [--upto K] [--push-to-hub REPO_ID]
+    python -m lora_cai.export RUN_DIR --dataset OUT [--push-to-hub REPO_ID]     (the data: lora_cai.dataset)
 
 The base is loaded in 4-bit exactly as the run trained it (the manifest's model settings and backend),
 each NF4 weight is dequantized with bitsandbytes into float32 on the CPU, so the merged model starts
@@ -352,11 +353,12 @@ def _hub_api(repo_id: str):
     return api
 
 
-def push_to_hub(api, out: Path, repo_id: str) -> str:
+def push_to_hub(api, out: Path, repo_id: str, repo_type: str = "model") -> str:
+    what = "CAI dataset" if repo_type == "dataset" else "merged stacked LoRA policy"
     try:
-        api.create_repo(repo_id, private=True, exist_ok=True)
-        info = api.upload_folder(folder_path=str(out), repo_id=repo_id,
-                                 commit_message="lora_cai export (merged stacked LoRA policy)")
+        api.create_repo(repo_id, repo_type=repo_type, private=True, exist_ok=True)
+        info = api.upload_folder(folder_path=str(out), repo_id=repo_id, repo_type=repo_type,
+                                 commit_message=f"lora_cai export ({what})")
     except Exception as e:
         raise UserError(f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {_last_line(str(e))}); the "
                         f"export in {out} is complete: rerun the push with huggingface-cli upload") from None
@@ -371,7 +373,10 @@ def build_parser():
 
     p = argparse.ArgumentParser(prog="python -m lora_cai.export", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="a lora_cai run directory (it has manifest.json)")
-    p.add_argument("--out", required=True, help="new directory for the merged checkpoint")
+    p.add_argument("--out", default=None, help="new directory for the merged checkpoint")
+    p.add_argument("--dataset", metavar="OUT", default=None,
+                   help="write the run's data instead (SFT records, preference pairs, held-out answers per round) "
+                        "as a Hugging Face dataset in Parquet with its card; with --push-to-hub, to a dataset repo")
     p.add_argument("--upto", type=int, default=None, help="merge adapters 1..K only (default: the whole stack)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="dtype of the saved weights (default bfloat16)")
     p.add_argument("--gguf", metavar="QUANT", default=None,
@@ -388,6 +393,10 @@ def build_parser():
 
 
 def _main(args) -> int:
+    if args.dataset:
+        return _export_dataset(args)
+    if not args.out:
+        raise UserError("give --out DIR (a merged checkpoint or, with --single-adapter, one adapter) or --dataset DIR")
     args.writes_to = Path(args.out).parent
     api = _hub_api(args.push_to_hub) if args.push_to_hub else None  # fail before the slow merge
     if args.single_adapter:
@@ -406,6 +415,23 @@ def _main(args) -> int:
         print(f"gguf: {export_gguf(out, args.gguf)}", file=sys.stderr)
     if api is not None:
         print(f"pushed: {push_to_hub(api, out, args.push_to_hub)}", file=sys.stderr)
+    return 0
+
+
+def _export_dataset(args) -> int:
+    from .dataset import check_target, write_dataset
+
+    others = [flag for flag, on in (("--out", args.out), ("--single-adapter", args.single_adapter),
+                                    ("--gguf", args.gguf), ("--upto", args.upto is not None)) if on]
+    if others:
+        raise UserError(f"--dataset writes the run's data, not a model: drop {', '.join(others)}")
+    args.writes_to = Path(args.dataset).parent
+    check_target(Path(args.dataset))
+    api = _hub_api(args.push_to_hub) if args.push_to_hub else None
+    sizes = write_dataset(Path(args.run_dir), Path(args.dataset))
+    print(f"dataset ({', '.join(f'{k} {v}' for k, v in sizes.items())}): {args.dataset}", file=sys.stderr)
+    if api is not None:
+        print(f"pushed: {push_to_hub(api, Path(args.dataset), args.push_to_hub, repo_type='dataset')}", file=sys.stderr)
     return 0
 
 
