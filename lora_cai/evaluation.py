@@ -550,6 +550,13 @@ def win_rate(ctx, current: list[dict], previous: list[dict]) -> dict:
     recs = J.judge_comparisons(judge, comps) if comps else []
     scored = [r["p_raw"] for r in recs if r["p_raw"] is not None]
     n = len(scored) + same  # identical answers count as ties
+    # Each answer's own verdict, for the report's side-by-side view: P(better than the previous round's answer),
+    # 0.5 for an identical answer, None where the judge gave no usable answer or there was nothing to compare.
+    p_of = {r["id"]: r["p_raw"] for r in recs}
+    for s in current:
+        key = (s["set"], s["id"])
+        s["win_vs_previous"] = (0.5 if s["answer"] and before.get(key) == s["answer"]
+                                else p_of.get(f"{s['set']}:{s['id']}"))
     return {"win_rate": (sum(scored) + 0.5 * same) / n if n else None,
             "wins": sum(p > 0.5 for p in scored), "losses": sum(p < 0.5 for p in scored),
             "ties": sum(p == 0.5 for p in scored) + same, "garbled": len(recs) - len(scored),

@@ -654,8 +654,135 @@ def _critic_blocks(run: dict) -> list[tuple]:
              ("passed benign", _number(c.get("passed_benign"))), ("copied", _number(c.get("copied"))),
              ("separation", _number(c.get("separation"))),
              ("canaries", f"{_fmt(_number(c.get('n_harmful')))} harmful + {_fmt(_number(c.get('n_benign')))} benign")]
-    b.append(("list", [f"{k}: {_fmt(v)}" for k, v in facts]))
+    b.append(("table", ["check", "value"], [[k, _fmt(v)] for k, v in facts]))
     return b
+
+
+def _compare_blocks(run: dict) -> list[tuple]:
+    policies, groups = compare_groups(run)
+    b: list[tuple] = [("h2", "Answers side by side")]
+    if not groups:
+        return b + [("p", "n/a: no held-out answers in this run (evaluation off, or no round evaluated yet).")]
+    b.append(("note", "Each held-out prompt with the answer of the base model (round 0) and of every round, from "
+                      "baseline-eval.json and round-k/eval.json: the refusal verdict the evaluation gave it, and the "
+                      "win-rate judge's verdict against the previous policy's answer (P(better), 0.5 for an identical "
+                      "answer; n/a in runs made before per-answer verdicts were stored). Changed: the answer or its "
+                      "refusal verdict differs between policies."))
+    b.append(("compare", policies, groups))
+    return b
+
+
+# ------------------------------------------------------------------ the answer first
+SUMMARY_RATES = (("harmful_compliance", "harmful compliance", "lower is better"),
+                 ("over_refusal", "over-refusal", "lower is better"))
+COMPARE_MD_ROWS = 8  # report.md shows this many prompts per held-out set; report.html shows them all
+
+
+def final_round(run: dict) -> int | None:
+    """The round whose policy the run ends with: the last one in the manifest's stack."""
+    stacked = stacked_rounds(run)
+    return max(stacked) if stacked else None
+
+
+def summary(run: dict, metrics: list[dict]) -> tuple[list[tuple], list[str]]:
+    """The page's opening: (label, base, final, change) figures, and one line each on the checks, time and memory."""
+    from .evaluation import paired_change
+
+    by_round = {row["round"]: row for row in metrics}
+    k = final_round(run)
+    after_eval = next((r["eval"] for r in run["rounds"] if r["k"] == k), None) if k else None
+    figures = []
+    for key, label, _ in SUMMARY_RATES:
+        before, after = by_round.get(0, {}).get(key), by_round.get(k, {}).get(key) if k else None
+        c = paired_change(run["baseline"], after_eval, key) if run["baseline"] and after_eval else None
+        change = NA if c is None else (f"{100 * c['change']:+.0f} pts (95% CI {100 * c['low']:+.0f} to "
+                                       f"{100 * c['high']:+.0f}, {c['n']} prompts)")
+        figures.append((label, _pct(before), _pct(after), change))
+    cap_b, cap_a = by_round.get(0, {}).get("capability"), by_round.get(k, {}).get("capability") if k else None
+    figures.append(("capability probe", _pct(cap_b), _pct(cap_a),
+                    NA if cap_b is None or cap_a is None else f"{100 * (cap_a - cap_b):+.0f} pts"))
+    lines = [f"final policy: {'round ' + str(k) if k else 'the base model (no round stacked)'}; best round by "
+             f"quality: {_fmt(run['manifest'].get('best_round'))}"]
+    c = run["critic"]
+    if c is None:
+        lines.append("critic check: not run (critique off, or the check disabled)")
+    elif c.get("ok"):
+        lines.append(f"critic check: passed (separation {_fmt(_number(c.get('separation')), 2)})")
+    else:
+        lines.append(f"critic check: FAILED (separation {_fmt(_number(c.get('separation')), 2)}): its critiques are "
+                     f"noise; use `critic: teacher` or `critic: api` with a capable model")
+    lines.append(_judge_check(run))
+    seconds = [_number(r["summary"].get("seconds")) for r in run["rounds"]]
+    peaks = [v for _, _, mem in peak_memory(run)[1] for v in mem.values() if _number(v) is not None]
+    lines.append(f"time: {_fmt(sum(x for x in seconds if x) / 60, 1)} minutes over {len(run['rounds'])} round(s); "
+                 f"peak memory: {_fmt(max(peaks) if peaks else None, 2)} GB")
+    return figures, lines
+
+
+def _pct(v) -> str:
+    return NA if _number(v) is None else f"{100 * v:.0f}%"
+
+
+def _judge_check(run: dict) -> str:
+    stats = [judge_stats(r) for r in run["rounds"]]
+    kinds = {judge_kinds(r) for r in run["rounds"]} - {None}
+    consistent = [(_number(s.get("position_consistency")), _number(s.get("comparisons"))) for s in stats]
+    consistent = [(pc, n) for pc, n in consistent if pc is not None and n]
+    if not consistent:
+        return ("judge check: rule judge (right by construction)" if kinds <= {"rule"} and kinds else
+                "judge check: nothing judged by a model")
+    pc = sum(pc * n for pc, n in consistent) / sum(n for _, n in consistent)
+    if pc >= 0.5:
+        return f"judge check: passed ({100 * pc:.0f}% of comparisons prefer the same answer in both orders)"
+    return (f"judge check: FAILED (only {100 * pc:.0f}% of comparisons prefer the same answer in both orders: the "
+            f"judge follows position); use `judge.kind: teacher` or `api` with a capable model")
+
+
+def compare_groups(run: dict) -> tuple[list[int], list[tuple[str, list[dict]]]]:
+    """The policies evaluated (0: base) and, per held-out set, each prompt with every policy's answer, refusal
+    verdict and win verdict against the previous policy (None where not stored: runs made before it was)."""
+    evals = [(0, run["baseline"])] + [(r["k"], r["eval"]) for r in run["rounds"]]
+    evals = [(k, e) for k, e in evals if isinstance(e, dict) and isinstance(e.get("samples"), list)]
+    rows: dict[tuple, dict] = {}
+    for k, e in evals:
+        for smp in e["samples"]:
+            if not isinstance(smp, dict):
+                continue
+            row = rows.setdefault((smp.get("set"), smp.get("id")), {"prompt": smp.get("prompt"), "set": smp.get("set"),
+                                                                    "cells": {}})
+            row["cells"][k] = {"answer": smp.get("answer"), "refused": smp.get("refusal"),
+                               "win": _number(smp.get("win_vs_previous")) if "win_vs_previous" in smp else None,
+                               "win_stored": "win_vs_previous" in smp}
+    policies = [k for k, _ in evals]
+    for row in rows.values():
+        cells = [row["cells"].get(k, {}) for k in policies]
+        row["changed"] = len({(c.get("answer"), c.get("refused")) for c in cells}) > 1
+    groups = [(title, [r for r in rows.values() if r["set"] == name])
+              for name, title in (("harmful", "held-out harmful prompts"), ("benign", "held-out benign prompts"))]
+    return policies, [(t, rs) for t, rs in groups if rs]
+
+
+def win_label(cell: dict, k: int) -> str:
+    if k == 0:
+        return "win rate: (base)"
+    if not cell.get("win_stored"):
+        return "vs previous: n/a"
+    w = cell.get("win")
+    if w is None:
+        return "vs previous: not judged"
+    return f"vs previous: {'win' if w > 0.5 else 'loss' if w < 0.5 else 'tie'} ({w:.2f})"
+
+
+def refusal_label(cell: dict) -> str:
+    return {True: "refused", False: "answered"}.get(cell.get("refused"), "n/a")
+
+
+def _trajectory_text(t: dict) -> str:
+    steps = [st for st in (t.get("steps") or []) if isinstance(st, dict)]
+    if not steps:
+        return "no critique steps"
+    return "\n\n".join(f"[{st.get('principle') or NA}] critique: {_truncate(st.get('critique'))}\n"
+                        f"→ {st.get('status') or NA}: {_truncate(st.get('revision'))}" for st in steps)
 
 
 def _blocks(run: dict) -> list[tuple]:
@@ -680,11 +807,17 @@ def _blocks(run: dict) -> list[tuple]:
              ("best round", None if best is None else
               f"{'0 (base model)' if best == 0 else best}, quality {_fmt(quality.get(best), 3)}"),
              ("early stop", early)]
+    figures, lines = summary(run, metrics)
+    b.append(("summary", figures, lines))
+    b.append(("h2", "Plots"))
+    b += [("img", name) for name in ("eval.png", "judge_labels.png", "critique_outcomes.png", "sft_loss.png", "dpo.png")]
+    b += _compare_blocks(run)
+    b.append(("h2", "The run"))
     b.append(("list", [f"{k}: {_fmt(v)}" for k, v in facts]))
     b += _critic_blocks(run)
 
     b.append(("h2", "Rounds"))
-    b.append(("p", "Counts, first → last training values and seconds are the run's own per-round summaries "
+    b.append(("note", "Counts, first → last training values and seconds are the run's own per-round summaries "
                    "(manifest.json). status: stacked (the adapter is in the manifest's stack), STOPPED early (quality "
                    "dropped: the adapter is kept but not stacked), ★ BEST (the manifest's best_round). n/a: not in the "
                    "artifacts (no pairs to train DPO on, or the round has not finished)."))
@@ -697,7 +830,7 @@ def _blocks(run: dict) -> list[tuple]:
     b.append(("table", SUMMARY_HEADERS, rows))
 
     b.append(("h2", "Held-out metrics per round"))
-    b.append(("p", "From baseline-eval.json (round 0, the base model) and round-k/eval.json. quality: the manifest's "
+    b.append(("note", "From baseline-eval.json (round 0, the base model) and round-k/eval.json. quality: the manifest's "
                    "score (mean of 1 - harmful compliance, 1 - over-refusal and, with a rule judge, 1 - violation "
                    "rate; round 0 computed the same way). violation rate: sampled held-out answers breaking a rule; "
                    "response violation rate: the round's training responses breaking one. win rate: this round's "
@@ -717,10 +850,9 @@ def _blocks(run: dict) -> list[tuple]:
                      NA if row["capability_delta"] is None else f"{row['capability_delta']:+.4f}",
                      _fmt(row["detector"]), _fmt(row["heuristic_disagreement"])])
     b.append(("table", METRIC_HEADERS, rows) if rows else ("p", "n/a: no evaluation in this run."))
-    b.append(("img", "eval.png"))
 
     b.append(("h2", "Judging"))
-    b.append(("p", "From each round's summary (manifest.json: judge, samples) and pairs.jsonl (pairs by source). "
+    b.append(("note", "From each round's summary (manifest.json: judge, samples) and pairs.jsonl (pairs by source). "
                    "comparisons: judged pairs of responses (both orders each); confident: the judge's preference "
                    "reached judge.confidence; garbled: no usable answer; position consistency: both orders prefer "
                    "the same response; agreement with self: with judge.cross_check_self, how often the policy "
@@ -740,23 +872,21 @@ def _blocks(run: dict) -> list[tuple]:
     b.append(("h3", "Pairs dropped by the builders"))
     b.append(("table", DROP_HEADERS, rows) if rows else ("p", "n/a: no judged pairs in this run."))
     b.append(("h3", "Judge labels"))
-    b.append(("p", "Comparisons per tenth of P(a better) (p_raw, the mean of both orders), from the summary's "
+    b.append(("note", "Comparisons per tenth of P(a better) (p_raw, the mean of both orders), from the summary's "
                    "label_histogram."))
     rows = [[str(r["k"])] + [str(x) for x in h] for r in run["rounds"] if (h := label_histogram(r)) is not None]
     b.append(("table", HIST_HEADERS, rows) if rows else ("p", "n/a: no judged comparisons in this run."))
-    b.append(("img", "judge_labels.png"))
 
     b.append(("h2", "Critique outcomes"))
-    b.append(("p", "Statuses of the records in round-k/critique-*.jsonl."))
+    b.append(("note", "Statuses of the records in round-k/critique-*.jsonl."))
     rows = []
     for r in run["rounds"]:
         c = status_counts(r)
         rows.append([str(r["k"])] + [str(c[st]) for st in STATUSES] + [str(sum(c.values()))])
     b.append(("table", ["round", *STATUSES, "total"], rows))
-    b.append(("img", "critique_outcomes.png"))
 
     b.append(("h2", "Principles"))
-    b.append(("p", "Over all rounds. sampled: critique records naming the principle; no change: of those, "
+    b.append(("note", "Over all rounds. sampled: critique records naming the principle; no change: of those, "
                    "status no_change; revisions: status revise; mean change: mean of 1 - difflib ratio between "
                    "a revise step's input (step 1: the initial response; step s: step s-1's revision, from "
                    "trajectories.jsonl) and its revision; pairs: pairs.jsonl records naming the principle, by "
@@ -773,7 +903,7 @@ def _blocks(run: dict) -> list[tuple]:
     b.append(("h2", "Peak memory"))
     stages, mem_rows = peak_memory(run)
     kinds = sorted({kind for _, kind, _ in mem_rows if kind})
-    b.append(("p", "GB per stage, from each round's summary (peak_memory_gb). cuda_max_allocated: the GPU's peak "
+    b.append(("note", "GB per stage, from each round's summary (peak_memory_gb). cuda_max_allocated: the GPU's peak "
                    "allocation during the stage; process_peak_rss: the process's peak resident memory so far (on "
                    "a CPU Linux reports no per-stage peak, so it only grows). Stages that did not run (resumed) "
                    "are n/a." + (f" Measured here: {', '.join(kinds)}." if kinds else "")))
@@ -781,30 +911,27 @@ def _blocks(run: dict) -> list[tuple]:
         b.append(("table", ["round", "measure", *stages],
                   [[str(k), _fmt(kind)] + [_fmt(mem.get(st), 3) for st in stages] for k, kind, mem in mem_rows]))
     else:
-        b.append(("p", "n/a: no peak memory recorded in this run."))
+        b.append(("note", "n/a: no peak memory recorded in this run."))
 
     b.append(("h2", "Where the time went"))
-    b.append(("p", "Seconds per stage (and generated tokens or optimizer steps per second), from the manifest's "
+    b.append(("note", "Seconds per stage (and generated tokens or optimizer steps per second), from the manifest's "
                    "ledger of stages (`stages`: the run that did the work; a rerun that skipped a stage keeps its "
                    "figures). The critic check and the baseline evaluation run once, before round 1."))
     rows = stage_times(run)
     b.append(("table", ["stage", "seconds", "rate"], rows) if rows else ("p", "n/a: no stage timing recorded."))
 
-    b.append(("h2", "Training curves"))
-    b.append(("img", "sft_loss.png"))
-    b.append(("img", "dpo.png"))
-
     b.append(("h2", "Example trajectories"))
-    b.append(("p", f"Up to {EXAMPLES_PER_ROUND} per round from trajectories.jsonl (changed ones first), "
-                   f"truncated to {TRUNCATE} characters."))
+    b.append(("note", f"Up to {EXAMPLES_PER_ROUND} per round from trajectories.jsonl (changed ones first): the "
+                      f"initial answer, then each critique with its principle and the revision it led to (status "
+                      f"revise or no_change), texts truncated to {TRUNCATE} characters."))
     for r in run["rounds"]:
         b.append(("h3", f"Round {r['k']}"))
         ex = _examples(r)
         if not ex:
             b.append(("p", "No trajectories."))
             continue
-        rows = [[_truncate(t.get("prompt")), _truncate(t.get("initial")), _truncate(t.get("final"))] for t in ex]
-        b.append(("table", ["prompt", "initial", "final"], rows))
+        rows = [[_truncate(t.get("prompt")), _truncate(t.get("initial")), _trajectory_text(t)] for t in ex]
+        b.append(("table", ["prompt", "initial answer", "critiques and revisions"], rows))
     return b
 
 
@@ -830,12 +957,62 @@ def render_markdown(blocks: list[tuple]) -> str:
             out.append("\n".join(lines))
         elif kind == "img":
             out.append(f"![{PLOTS[blk[1]]}](report/{blk[1]})")
+        elif kind == "note":
+            out.append(f"*What the columns mean:* {blk[1]}")
+        elif kind == "summary":
+            _, figures, lines = blk
+            table = ["| held out | base | final policy | change |", "|---|---|---|---|"]
+            table += [f"| {label} | {before} | {after} | {change} |" for label, before, after, change in figures]
+            out.append("\n".join(table))
+            out.append("\n".join(f"- {_md_cell(x)}" for x in lines))
+        elif kind == "compare":
+            _, policies, groups = blk
+            for title, rows in groups:
+                changed = [r for r in rows if r["changed"]]
+                shown = (changed + [r for r in rows if not r["changed"]])[:COMPARE_MD_ROWS]
+                out.append(f"### {title} ({len(rows)}, {len(changed)} changed)")
+                head = ["prompt"] + ["base" if k == 0 else f"round {k}" for k in policies]
+                lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+                for r in shown:
+                    cells = [_md_cell(_truncate(r["prompt"], 120))]
+                    for k in policies:
+                        c = r["cells"].get(k, {})
+                        cells.append(_md_cell(f"{refusal_label(c)}: {_truncate(c.get('answer'), 120)}"))
+                    lines.append("| " + " | ".join(cells) + " |")
+                out.append("\n".join(lines))
+                if len(rows) > len(shown):
+                    out.append(f"{len(rows) - len(shown)} more in report.html (changed prompts first here).")
     return "\n\n".join(out) + "\n"
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px;
-vertical-align:top}th{background:#f3f3f3}td{white-space:pre-wrap}img{max-width:100%;display:block;margin:1em 0}"""
+vertical-align:top}th{background:#f3f3f3}td{white-space:pre-wrap}img{max-width:100%;display:block;margin:1em 0}
+.summary{display:flex;flex-wrap:wrap;gap:1em;margin:1em 0}.fig{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;
+min-width:14em}.fig .label{color:#555}.fig .big{font-size:2em;font-weight:600}.fig .change{font-size:.85em;color:#444}
+details.note{margin:.5em 0;color:#444;font-size:.9em}details.note summary{cursor:pointer}
+table.compare td{width:1%}table.compare .verdict{font-weight:600;font-size:.85em;color:#333;white-space:normal}
+.filter{margin:.5em 0}@media print{.filter{display:none}details.note>p{display:block}}"""
+# The side-by-side filter: a few lines of inline JavaScript, no library, no network. Without JavaScript every
+# prompt shows; printing opens the column notes.
+_SCRIPT = """<script>
+(function () {
+  var box = document.getElementById("only-changed"), count = document.getElementById("shown");
+  function apply() {
+    var rows = document.querySelectorAll("tr.cmp"), n = 0;
+    rows.forEach(function (r) {
+      var hide = box.checked && r.getAttribute("data-changed") !== "1";
+      r.style.display = hide ? "none" : "";
+      if (!hide) n += 1;
+    });
+    count.textContent = n + " of " + rows.length + " prompts shown";
+  }
+  if (box) { box.addEventListener("change", apply); apply(); }
+  window.addEventListener("beforeprint", function () {
+    document.querySelectorAll("details").forEach(function (d) { d.open = true; });
+  });
+})();
+</script>"""
 
 
 def render_html(blocks: list[tuple], plot_dir: Path) -> str:
@@ -859,6 +1036,32 @@ def render_html(blocks: list[tuple], plot_dir: Path) -> str:
         elif kind == "img":
             data = base64.b64encode((plot_dir / blk[1]).read_bytes()).decode("ascii")
             out.append(f'<img alt="{e(PLOTS[blk[1]])}" src="data:image/png;base64,{data}">')
+        elif kind == "note":
+            out.append(f'<details class="note"><summary>What the columns mean</summary><p>{e(blk[1])}</p></details>')
+        elif kind == "summary":
+            _, figures, lines = blk
+            out.append('<section class="summary">' + "".join(
+                f'<div class="fig"><div class="label">{e(label)} (held out)</div><div class="big">{e(before)} → '
+                f'{e(after)}</div><div class="change">{e(change)}</div></div>' for label, before, after, change in figures)
+                + "</section>")
+            out.append('<ul class="checks">' + "".join(f"<li>{e(x)}</li>" for x in lines) + "</ul>")
+        elif kind == "compare":
+            _, policies, groups = blk
+            out.append('<div class="filter"><label><input type="checkbox" id="only-changed"> only prompts whose '
+                       'answer or refusal verdict changed</label> <span id="shown"></span></div>')
+            for title, rows in groups:
+                out.append(f"<h3>{e(title)} ({len(rows)}, {sum(r['changed'] for r in rows)} changed)</h3>")
+                out.append('<table class="compare"><thead><tr><th>prompt</th>' + "".join(
+                    f"<th>{'base' if k == 0 else f'round {k}'}</th>" for k in policies) + "</tr></thead><tbody>")
+                for r in rows:
+                    cells = "".join(
+                        f'<td><div class="verdict">{e(refusal_label(c))} · {e(win_label(c, k))}</div>'
+                        f'{e(c.get("answer") or NA)}</td>'
+                        for k, c in ((k, r["cells"].get(k, {})) for k in policies))
+                    out.append(f'<tr class="cmp" data-changed="{int(r["changed"])}"><td>{e(r["prompt"] or NA)}</td>'
+                               f"{cells}</tr>")
+                out.append("</tbody></table>")
+    out.append(_SCRIPT)
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

@@ -474,7 +474,7 @@ def test_judging_tables_match_artifacts(run_dir):
     if "best_round" in manifest:
         assert int(by_round["1"][col["comparisons"]]) == 7 and by_round["2"][col["comparisons"]] == "n/a"
         assert {src for _, src in [(r[0], r[1]) for r in drop_rows]} == {"revision", "best_of_n"}
-        assert "![Judge labels" in judging
+        assert "![Judge labels" in _section(md, "## Plots")
     else:
         assert all(row[col[h]] == "n/a" for row in rows for h in ("judge", "comparisons", "confident", "pairs dropped"))
         assert "n/a: no judged pairs" in judging and "n/a: no judged comparisons" in judging
@@ -503,7 +503,8 @@ def test_critic_check_near_the_top(run_dir):
     if check is None:
         assert section.strip().startswith("n/a")
         return
-    items = dict(line[2:].split(": ", 1) for line in section.splitlines() if line.startswith("- "))
+    _, rows = _table(section, "check")
+    items = {row[0]: row[1] for row in rows}
     assert items["result"].startswith("passed" if check["ok"] else "FAILED")
     assert html.unescape(items["message"]) == check["message"]
     for key in ("flagged_harmful", "flagged_benign", "passed_benign", "copied", "separation"):
