@@ -206,16 +206,45 @@ class SFTSettings(_TrainSettings):
     helpful_split: str = Field("train", description="Split to read when `helpful_data` is a Hub dataset.")
 
 
+# Preference objectives of TRL's DPO family (`DPOConfig.loss_type`): what each needs, for the docs and validation.
+# A soft-label mode is defined where the objective has a natural per-pair label: `weight` (loss x (2p - 1)) for
+# every one, `target` (p as the pair's own label) for sigmoid (conservative DPO) and IPO (target margin x (2p - 1)).
+DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge", "apo_zero")
+SOFT_TARGET_LOSSES = ("sigmoid", "ipo")
+
+
 class DPOSettings(_TrainSettings):
-    beta: float = Field(0.1, gt=0, description="DPO beta (strength of the pull towards the reference).")
+    loss: Literal["sigmoid", "ipo", "robust", "hinge", "apo_zero"] = Field(
+        "sigmoid", description="Preference objective (TRL's DPO loss family): `sigmoid` (DPO), `ipo` (IPO: a squared "
+                               "loss towards a finite margin, for near-deterministic labels; length-normalised as "
+                               "TRL computes it), `robust` (robust DPO: unbiased under a known rate of flipped "
+                               "labels, dpo.flip_rate), `hinge` (SLiC: a hinge on the reward margin), `apo_zero` "
+                               "(anchored: pushes chosen up and rejected down, for winners better than the policy).")
+    beta: float = Field(0.1, gt=0, description="DPO beta (strength of the pull towards the reference): the "
+                                               "implicit reward's scale for sigmoid, robust, hinge and apo_zero.")
+    ipo_tau: float = Field(0.1, gt=0, description="IPO's tau (dpo.loss: ipo): the regulariser; the loss pulls each "
+                                                  "pair's length-normalised log-ratio margin towards 1 / (2 tau).")
+    flip_rate: float = Field(0.1, ge=0, lt=0.5, description="Robust DPO's assumed share of pairs whose label is "
+                                                            "wrong (dpo.loss: robust; at 0 it is plain DPO).")
     learning_rate: float = Field(5e-5, gt=0, description="DPO learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the preference pairs.")
     batch_size: int = Field(2, gt=0, description="Pairs per device step.")
     max_length: int = Field(1024, gt=0, description="Truncate prompt + completion to this many tokens.")
     soft_labels: Literal["off", "weight", "target"] = Field(
         "off", description="Use each pair's judged probability p: `weight` scales its loss by 2p - 1 (its "
-                           "confidence), `target` uses p as the pair's own label (conservative DPO per pair, "
-                           "label smoothing 1 - p); `off` treats every kept pair as certain.")
+                           "confidence; any dpo.loss), `target` uses p as the pair's own label (sigmoid: "
+                           "conservative DPO per pair, label smoothing 1 - p; ipo: target margin scaled by 2p - 1); "
+                           "`off` treats every kept pair as certain.")
+
+    @model_validator(mode="after")
+    def _objective(self):
+        if self.loss == "robust" and self.flip_rate == 0:
+            raise ValueError("dpo.loss robust with dpo.flip_rate 0 is plain DPO: set dpo.flip_rate (e.g. 0.1, the share "
+                             "of labels you expect to be wrong) or dpo.loss: sigmoid")
+        if self.soft_labels == "target" and self.loss not in SOFT_TARGET_LOSSES:
+            raise ValueError(f"dpo.soft_labels target has no per-pair meaning for dpo.loss {self.loss} (it has for "
+                             f"{' and '.join(SOFT_TARGET_LOSSES)}): use dpo.soft_labels weight or off")
+        return self
 
 
 class RecipeConfig(Section):

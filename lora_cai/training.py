@@ -12,7 +12,9 @@ is the better answer (1.0 for unjudged revision pairs). With m = (log pi(c) - lo
 - `weight`: -(2p - 1) * logsigmoid(z)                       (confidence-weighted DPO)
 - `target`: -p * logsigmoid(z) - (1 - p) * logsigmoid(-z)   (conservative DPO with eps = 1 - p, per pair)
 
-and the step's loss is the plain mean over the batch's pairs. `weight` is deliberately *not*
+and the step's loss is the plain mean over the batch's pairs. The other objectives of TRL's DPO family
+(`dpo.loss`: ipo, robust, hinge, apo_zero; `preference_losses`) take `weight` the same way, and IPO takes
+`target` as its target margin scaled by 2p - 1; with soft labels off every objective is TRL's own code. `weight` is deliberately *not*
 renormalised by the batch's mean weight: a pair at p = 0.5 then contributes exactly zero gradient, and a
 batch of unsure pairs takes a proportionally smaller step instead of being scaled back up to full
 strength (renormalising would also divide by zero on a batch of p = 0.5 pairs and make the effective
@@ -300,23 +302,59 @@ def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *,
 SOFT_LABELS = ("off", "weight", "target")
 
 
-def soft_dpo_losses(margins, p_chosen, beta: float, mode: str):
-    """Per-pair DPO losses for implicit-reward margins `margins` and judged probabilities `p_chosen`.
+def trl_objective(settings) -> dict:
+    """DPOConfig's arguments for `dpo.loss`: TRL reads one `beta` for every loss of the family, so each objective's
+    own setting goes there (IPO's tau), and robust DPO's flip rate is TRL's `label_smoothing`."""
+    loss = getattr(settings, "loss", "sigmoid")
+    return {"loss_type": [loss], "beta": settings.ipo_tau if loss == "ipo" else settings.beta,
+            "label_smoothing": settings.flip_rate if loss == "robust" else 0.0}
 
-    `weight`: -(2p - 1) logsigmoid(beta m); `target`: -p logsigmoid(beta m) - (1 - p) logsigmoid(-beta m);
-    `off`: -logsigmoid(beta m). See the module docstring.
+
+def preference_losses(loss: str, chosen_logratios, rejected_logratios, p_chosen, mode: str, *, beta: float,
+                      lengths=None, flip_rate: float = 0.0):
+    """Per-pair losses of the DPO-family objective `loss` with soft labels `mode`, as TRL 1.15 computes them at p = 1.
+
+    With m = chosen - rejected log-ratio and p the pair's judged probability:
+    sigmoid -logsigmoid(beta m); ipo (h - 1/(2 tau))^2 with h the log-ratio margin per completion token
+    (`lengths`: chosen and rejected completion token counts) and tau passed as `beta`; robust
+    [-(1-e) logsigmoid(beta m) + e logsigmoid(-beta m)] / (1 - 2e); hinge relu(1 - beta m); apo_zero
+    (1 - sigmoid(beta c)) + sigmoid(beta r). `weight` multiplies any of them by 2p - 1; `target` replaces the
+    label by p: sigmoid -p logsigmoid(beta m) - (1-p) logsigmoid(-beta m), ipo (h - (2p-1)/(2 tau))^2.
     """
+    import torch
     import torch.nn.functional as F
 
-    z = beta * margins
-    if mode == "off":
-        return -F.logsigmoid(z)
-    p = p_chosen.to(z.dtype)
-    if mode == "weight":
-        return -(2 * p - 1) * F.logsigmoid(z)
-    if mode == "target":
-        return -p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z)
-    raise ValueError(f"soft_labels: {mode!r} is not one of {SOFT_LABELS}")
+    m = chosen_logratios - rejected_logratios
+    p = p_chosen.to(m.dtype) if p_chosen is not None else torch.ones_like(m)
+    target = mode == "target"
+    if loss == "sigmoid":
+        z = beta * m
+        per = -p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z) if target else -F.logsigmoid(z)
+    elif loss == "ipo":
+        chosen_len, rejected_len = lengths
+        h = chosen_logratios / chosen_len.clamp(min=1.0) - rejected_logratios / rejected_len.clamp(min=1.0)
+        per = (h - ((2 * p - 1) if target else 1.0) / (2 * beta)) ** 2
+    elif loss == "robust":
+        per = (-(1 - flip_rate) * F.logsigmoid(beta * m) + flip_rate * F.logsigmoid(-beta * m)) / (1 - 2 * flip_rate)
+    elif loss == "hinge":
+        per = torch.relu(1 - beta * m)
+    elif loss == "apo_zero":
+        per = (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
+    else:
+        raise ValueError(f"dpo.loss {loss!r} is not one of sigmoid, ipo, robust, hinge, apo_zero")
+    if target and loss not in ("sigmoid", "ipo"):
+        raise ValueError(f"soft_labels target is not defined for dpo.loss {loss}")
+    return (2 * p - 1) * per if mode == "weight" else per
+
+
+def soft_dpo_losses(margins, p_chosen, beta: float, mode: str):
+    """Per-pair sigmoid DPO losses for implicit-reward margins `margins` and judged probabilities `p_chosen`
+    (`preference_losses` for `dpo.loss: sigmoid`; see the module docstring)."""
+    import torch
+
+    if mode not in SOFT_LABELS:
+        raise ValueError(f"soft_labels: {mode!r} is not one of {SOFT_LABELS}")
+    return preference_losses("sigmoid", margins, torch.zeros_like(margins), p_chosen, mode, beta=beta)
 
 
 class _WithPChosen:
@@ -345,19 +383,22 @@ def _stack_dpo_trainer_class():
         starting policy instead, then the stack is restored and the unused copy removed.
         """
 
-        def __init__(self, *args, frozen_adapters: list[str], soft_labels: str = "off", **kwargs):
+        def __init__(self, *args, frozen_adapters: list[str], soft_labels: str = "off", objective: str = "sigmoid",
+                     **kwargs):
             if soft_labels not in SOFT_LABELS:
                 raise ValueError(f"soft_labels: {soft_labels!r} is not one of {SOFT_LABELS}")
             self._soft_labels = soft_labels
+            self._objective = objective
             super().__init__(*args, frozen_adapters=frozen_adapters, **kwargs)
             peft_model = self.accelerator.unwrap_model(self.model)
             if "ref" in peft_model.peft_config:
                 peft_model.delete_adapter("ref")
             set_active(peft_model, self._frozen + [TRAINABLE], trainable=TRAINABLE)
             if soft_labels != "off":
-                if (list(self.loss_types) != ["sigmoid"] or self.f_divergence_type != "reverse_kl" or self.ld_alpha
+                if (list(self.loss_types) != [objective] or self.f_divergence_type != "reverse_kl" or self.ld_alpha
                         is not None or self.use_weighting or self.aux_loss_enabled or not self.precompute_ref_logps):
-                    raise ValueError("soft labels need the plain sigmoid DPO loss with precomputed reference log-probs")
+                    raise ValueError("soft labels need one DPO-family loss (dpo.loss) with precomputed reference "
+                                     "log-probs and none of TRL's loss variants")
                 # TRL's collator drops columns it does not know; the loss needs p_chosen, so add it back per batch.
                 self.data_collator = _WithPChosen(self.data_collator)
 
@@ -373,7 +414,7 @@ def _stack_dpo_trainer_class():
             return self._soft_label_loss(model, inputs, return_outputs)
 
         def _soft_label_loss(self, model, inputs, return_outputs=False):
-            """TRL's sigmoid DPO loss (precomputed reference) with each pair's own label; TRL's main metrics."""
+            """TRL's loss of the objective (precomputed reference) with each pair's own label; TRL's main metrics."""
             mode = "train" if self.model.training else "eval"
             completion_mask = inputs["completion_mask"]
             model_kwargs = {k: v for k, v in inputs.items()
@@ -386,8 +427,10 @@ def _stack_dpo_trainer_class():
             chosen_logps, rejected_logps = logps.chunk(2, dim=0)
             chosen_logratios = chosen_logps - inputs["ref_chosen_logps"]
             rejected_logratios = rejected_logps - inputs["ref_rejected_logps"]
-            per_pair = soft_dpo_losses(chosen_logratios - rejected_logratios, inputs["p_chosen"], self.beta,
-                                       self._soft_labels)
+            chosen_mask, rejected_mask = completion_mask.chunk(2, dim=0)  # IPO's per-token normalisation, as TRL's
+            per_pair = preference_losses(self._objective, chosen_logratios, rejected_logratios, inputs["p_chosen"],
+                                         self._soft_labels, beta=self.beta, flip_rate=self.label_smoothing,
+                                         lengths=(chosen_mask.sum(dim=1), rejected_mask.sum(dim=1)))
             loss = per_pair.mean()
 
             gather = self.accelerator.gather
@@ -470,11 +513,12 @@ def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
             ds.save_to_disk(str(data_dir))
         barrier(world)
         ds = load_from_disk(str(data_dir))
-    args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.beta,
+    loss = getattr(settings, "loss", "sigmoid")
+    args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), **trl_objective(settings),
                      precompute_ref_log_probs=True, dataset_num_proc=None)
     with _logging_dir(args.report_to, logging_dir):
         trainer = _stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                                             frozen_adapters=frozen, soft_labels=soft,
+                                             frozen_adapters=frozen, soft_labels=soft, objective=loss,
                                              callbacks=[_progress_callback(console, desc)])
         _quiet(trainer)
         _check_stack(model, frozen, "DPO")

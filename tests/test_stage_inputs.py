@@ -69,7 +69,8 @@ NEW = {
     "sft.max_length": 512, "sft.helpful_data": None, "sft.helpful_fraction": 0.5, "sft.helpful_prompt_column": "q",
     "sft.helpful_response_column": "a", "sft.helpful_split": "test", "dpo.grad_accum": 2, "dpo.save_steps": 10,
     "dpo.beta": 0.2, "dpo.learning_rate": 1e-5, "dpo.epochs": 2.0, "dpo.batch_size": 4, "dpo.max_length": 512,
-    "dpo.soft_labels": "weight", "report_to": ["tensorboard"],
+    "dpo.soft_labels": "weight", "dpo.loss": "ipo", "dpo.ipo_tau": 0.5, "dpo.flip_rate": 0.2,
+    "report_to": ["tensorboard"],
 }
 # Keys valid only together with others (schema cross-checks), changed together.
 TOGETHER = {
@@ -80,6 +81,8 @@ TOGETHER = {
     ("rule", "generation.base_url"): {"generation.model": "p-{round}"},
     ("teacher", "generation.base_url"): {"generation.model": "p-{round}"},
     ("api", "generation.base_url"): {},
+    ("self", "dpo.ipo_tau"): {"dpo.loss": "ipo"},  # an objective's own setting, where that objective reads it
+    ("self", "dpo.flip_rate"): {"dpo.loss": "robust"},
 }
 
 

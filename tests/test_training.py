@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,12 +179,14 @@ def soft_pairs(p: float | None) -> list[dict]:
     return [dict(pair, **({} if p is None else {"p_chosen": p})) for pair in PAIRS]
 
 
-def dpo_losses(tiny_model, out, pairs, *, trl_args: dict | None = None, **settings):
-    """Per-step losses of DPO on a fresh round-1 policy (same seed, data, order every time) and the model.
+def dpo_losses(tiny_model, out, pairs, *, trl_args: dict | None = None, stack=(), **settings):
+    """Per-step losses of DPO on a fresh policy (round 1, or on `stack`; same seed, data, order every time) and
+    the model.
 
     `trl_args` bypasses `train_dpo`: the same trainer built with extra DPOConfig arguments (TRL's own losses).
     """
-    model, tok, frozen = build(tiny_model)
+    training.install_logprob_fallback()  # TRL's fused log-prob head needs Triton (train_dpo installs this too)
+    model, tok, frozen = build(tiny_model, stack)
     settings = DPOSettings(**{"batch_size": 4, "learning_rate": 5e-3, "epochs": 2, **settings})
     if trl_args is None:
         history, _ = training.train_dpo(model, tok, pairs, settings, out, seed=0, frozen=frozen)
@@ -194,8 +197,8 @@ def dpo_losses(tiny_model, out, pairs, *, trl_args: dict | None = None, **settin
         ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
                                  "chosen": [{"role": "assistant", "content": p["chosen"]}],
                                  "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
-        args = DPOConfig(**training._common_args(settings, out, 0, model), beta=settings.beta,
-                         precompute_ref_log_probs=True, dataset_num_proc=None, **trl_args)
+        args = DPOConfig(**training._common_args(settings, out, 0, model), **{"beta": settings.beta, **trl_args},
+                         precompute_ref_log_probs=True, dataset_num_proc=None)
         trainer = training._stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
                                                       frozen_adapters=frozen)
         training._quiet(trainer)
@@ -281,6 +284,107 @@ def test_soft_dpo_losses_per_pair():
     vals = training.soft_dpo_losses(grid, torch.full_like(grid, 0.8), beta, "target")
     assert int(vals.argmin()) == 10
     assert torch.equal(training.soft_dpo_losses(m.detach(), p, beta, "off"), -F.logsigmoid(beta * m.detach()))
+
+
+# --------------------------------------------------------------------------------------------------
+# The DPO family's other objectives (dpo.loss)
+# --------------------------------------------------------------------------------------------------
+OBJECTIVES = {"ipo": dict(loss="ipo", ipo_tau=0.3), "robust": dict(loss="robust", flip_rate=0.2),
+              "hinge": dict(loss="hinge", beta=0.5), "apo_zero": dict(loss="apo_zero")}
+
+
+@pytest.fixture(scope="module")
+def round_one(tiny_model, tmp_path_factory) -> Path:
+    """A random, non-zero round-1 adapter: the objectives below train round 2 on top of it."""
+    model, _, _ = build(tiny_model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    path = tmp_path_factory.mktemp("r1") / "adapter"
+    models.save_adapter(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def objective_runs(tiny_model, round_one, tmp_path_factory):
+    """Per objective, per-step losses of round 2's DPO: TRL's own trainer given the objective directly, ours through
+    train_dpo (soft labels off), and ours with soft labels at p = 1 (our hand-written formula instead of TRL's)."""
+    tmp = tmp_path_factory.mktemp("objectives")
+    runs = {}
+    with one_thread():
+        for name, kw in OBJECTIVES.items():
+            settings = DPOSettings(**kw)
+            r = runs[name] = {"trl": dpo_losses(tiny_model, tmp / f"{name}-trl", PAIRS, stack=[round_one],
+                                                trl_args=training.trl_objective(settings))[0]}
+            frozen = dict(build(tiny_model, [round_one])[0].named_parameters())
+            r["ours"], model = dpo_losses(tiny_model, tmp / f"{name}-ours", PAIRS, stack=[round_one], **kw)
+            r["model"], r["start"] = model, frozen
+            r["weight@1"] = dpo_losses(tiny_model, tmp / f"{name}-w1", soft_pairs(1.0), stack=[round_one],
+                                       soft_labels="weight", **kw)[0]
+            r["weight@0.75"] = dpo_losses(tiny_model, tmp / f"{name}-w75", soft_pairs(0.75), stack=[round_one],
+                                          soft_labels="weight", **kw)[0]
+            if name == "ipo":
+                r["target@1"] = dpo_losses(tiny_model, tmp / f"{name}-t1", soft_pairs(1.0), stack=[round_one],
+                                           soft_labels="target", **kw)[0]
+    return runs
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_each_objective_is_trls_and_our_formula_matches_it(objective_runs, name):
+    """dpo.loss reaches TRL as TRL's own loss_type (with the objective's own setting in TRL's one `beta`); our
+    per-pair formula (the soft-label path) equals TRL's step by step at p = 1 (fp32, 1e-5), IPO's length
+    normalisation included; weight at p = 0.75 is 0.5 x the loss of the same first step."""
+    r = objective_runs[name]
+    assert len(r["trl"]) == 4 and r["ours"] == pytest.approx(r["trl"], abs=1e-6)
+    assert r["weight@1"] == pytest.approx(r["trl"], abs=1e-5)
+    if name == "ipo":
+        assert r["target@1"] == pytest.approx(r["trl"], abs=1e-5)
+    assert r["weight@0.75"][0] == pytest.approx(0.5 * r["trl"][0], abs=1e-5)  # same model at step 1
+    assert r["trl"][-1] < r["trl"][0]  # it learns
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_each_objective_trains_only_the_new_adapter(objective_runs, name):
+    r = objective_runs[name]
+    after = dict(r["model"].named_parameters())
+    frozen = [n for n in r["start"] if ".round-1." in n]
+    base = [n for n in r["start"] if "lora_" not in n]
+    assert frozen and all(torch.equal(after[n], r["start"][n]) for n in frozen)  # round 1: bit-identical
+    assert all(torch.equal(after[n], r["start"][n]) for n in base)
+    assert any(float(after[n].abs().sum()) > 0 for n in after if "lora_B" in n and ".default." in n)
+
+
+def test_the_objectives_per_pair_formulas():
+    """IPO's soft target moves the target margin to (2p - 1) / (2 tau): at p = 0.5 the loss is h^2; robust DPO at a
+    flip rate e is unbiased: its expectation under flipped labels is plain DPO; target elsewhere is refused."""
+    import torch.nn.functional as F
+
+    c, r = torch.tensor([1.0, -2.0, 0.3]), torch.tensor([-1.0, 0.5, 0.1])
+    lengths = (torch.tensor([2.0, 4.0, 1.0]), torch.tensor([1.0, 2.0, 3.0]))
+    h = c / lengths[0] - r / lengths[1]
+    half = torch.full((3,), 0.5)
+    ipo = training.preference_losses("ipo", c, r, half, "target", beta=0.25, lengths=lengths)
+    assert torch.allclose(ipo, h ** 2)
+    e, beta = 0.2, 0.5
+    rob = training.preference_losses("robust", c, r, None, "off", beta=beta, flip_rate=e)
+    rob_flipped = training.preference_losses("robust", r, c, None, "off", beta=beta, flip_rate=e)
+    assert torch.allclose((1 - e) * rob + e * rob_flipped, -F.logsigmoid(beta * (c - r)), atol=1e-6)
+    with pytest.raises(ValueError, match="target is not defined for dpo.loss hinge"):
+        training.preference_losses("hinge", c, r, half, "target", beta=beta)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(loss="robust", flip_rate=0.0), "dpo.loss robust with dpo.flip_rate 0 is plain DPO"),
+    (dict(loss="hinge", soft_labels="target"), "dpo.soft_labels target has no per-pair meaning for dpo.loss hinge"),
+    (dict(loss="robust", flip_rate=0.5), "less than 0.5"),
+])
+def test_objective_settings_are_checked(settings, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        DPOSettings(**settings)
 
 
 def test_bad_p_chosen_is_a_one_line_user_error(tiny_model, tmp_path):
