@@ -149,8 +149,24 @@ def _features():
 
 
 def _model_licence(model_name: str) -> str:
-    """The base model's licence as its own files state it (a local checkpoint's README front matter), else
-    'unknown': nothing is guessed."""
+    """The base model's licence as its own files state it, else 'unknown' (nothing is guessed): a pip-shipped model's
+    package metadata, a GGUF file's `general.license`, a local checkpoint's README front matter."""
+    from importlib import metadata
+
+    if model_name.startswith("pip:"):
+        try:
+            meta = metadata.metadata(model_name[4:].strip())
+        except metadata.PackageNotFoundError:
+            return "unknown"
+        return meta.get("License-Expression") or meta.get("License") or "unknown"
+    if model_name.lower().endswith(".gguf") and Path(model_name).is_file():
+        try:
+            import gguf
+
+            field = gguf.GGUFReader(model_name).fields.get("general.license")
+            return bytes(field.parts[field.data[0]]).decode() if field is not None else "unknown"
+        except Exception:  # an unreadable file says nothing about its licence
+            return "unknown"
     readme = Path(model_name) / "README.md"
     if readme.is_file():
         m = re.search(r"^license:\s*(\S+)", readme.read_text(errors="replace"), re.MULTILINE)
@@ -183,7 +199,7 @@ def card(splits: dict[str, list[dict]], facts: dict) -> str:
     stopped = (f"Round {facts['stopped_round']} was stopped early and is not part of the final policy "
                f"(`in_final_policy: false`)." if facts["stopped_round"] else "No round was stopped early.")
     return f"""---
-license: {licence if licence != "unknown" else "other"}
+license: {licence.lower() if licence != "unknown" else "other"}
 task_categories:
 - text-generation
 tags:

