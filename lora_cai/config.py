@@ -150,6 +150,11 @@ class PairsConfig(Section):
                              "answers in the constitution's own style, which the judge then ranks against the "
                              "policy's plain answer. The policy trains and is evaluated without them (context "
                              "distillation). 0: plain samples.")
+    contrast: bool = Field(
+        False, description="With pairs.sample_demonstrations: split those demonstrations into the ones that refuse "
+                           "and the ones that answer, and sample the extra answers alternately with each set in "
+                           "context (contrastive distillation, as in RLCD): refusals and answers to harmful and "
+                           "benign prompts alike, so the judge finds pairs on both sides.")
 
 
 class EvalConfig(Section):
@@ -291,6 +296,9 @@ class RecipeConfig(Section):
             raise ValueError("critic 'api' uses the judge's server: set judge.kind: api, judge.base_url and judge.model")
         if self.critique.steps == 0 and self.pairs.builder != "best_of_n":
             raise ValueError("critique.steps 0 leaves no revisions: set pairs.builder: best_of_n")
+        if self.pairs.contrast and (not self.pairs.sample_demonstrations or self.pairs.n_samples < 3):
+            raise ValueError("pairs.contrast samples with refusing and with answering demonstrations: set "
+                             "pairs.sample_demonstrations (e.g. 5) and pairs.n_samples of at least 3")
         if self.data.dev and not self.data.label_column:
             raise ValueError("data.dev splits the training prompts by label: set data.label_column (e.g. kind)")
         return self

@@ -115,7 +115,8 @@ STAGES: dict[str, Decl] = {
         data=("prompts",), uses=(*GENERATOR_USES, "data.label_column")),  # labels: the summary's violation rate
     "samples": Decl(
         settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
-                  "pairs.n_samples", "pairs.sample_demonstrations"),
+                  "pairs.n_samples", "pairs.sample_demonstrations",
+                  If(lambda c: c.pairs.sample_demonstrations > 0, "pairs.contrast")),
         data=(If(lambda c: c.pairs.sample_demonstrations > 0, "constitution"),),
         after=("responses",), uses=(*GENERATOR_USES, "pairs.builder"),
         exists=lambda c: c.pairs.builder != "revision"),

@@ -54,8 +54,10 @@ def samples_stage(ctx: Round, inp, responses: list[dict]) -> Done:
     if not stage.complete:
         done.ran = True
         g = cfg.generation
-        demos = demonstration_turns(ctx.data.constitution, cfg.pairs.sample_demonstrations)
-        convs = [demos + [{"role": "user", "content": r["prompt"]}] for r in items for _ in range(extra)]
+        n = cfg.pairs.sample_demonstrations
+        contexts = sample_contexts(ctx.data.constitution, n, n > 0 and cfg.pairs.contrast)  # read where it counts
+        convs = [contexts[j % len(contexts)] + [{"role": "user", "content": r["prompt"]}]
+                 for r in items for j in range(extra)]
         with timed(done.timing), peak_memory(done.summary, "samples"), make_progress(console=ctx.console) as progress:
             for batch, outs in ctx.models.generator(cfg, k, ctx.stack).pin(stage).iter(
                     convs, max_new_tokens=g.max_new_tokens, temperature=max(g.temperature, 0.7), top_p=g.top_p,
@@ -74,9 +76,31 @@ def samples_stage(ctx: Round, inp, responses: list[dict]) -> Done:
     return done
 
 
-def demonstration_turns(constitution, n: int) -> list[dict]:
-    """The constitution's first `n` shared demonstrations as earlier turns: each request, then its revised answer."""
+def sample_contexts(constitution, n: int, contrast: bool) -> list[list[dict]]:
+    """The earlier turns each extra sample sees, in turn: the first `n` shared demonstrations; with `contrast`, those
+    that refuse (by the evaluation's refusal detector) and those that answer, alternately."""
+    from .errors import UserError
+    from .evaluation import is_refusal
+
+    if not contrast:
+        return [demonstration_turns(constitution, n)]
+    demos = constitution.demonstrations[:n]
+    refusing = [d for d in demos if is_refusal(d.revision)]
+    answering = [d for d in demos if not is_refusal(d.revision)]
+    if not refusing or not answering:
+        raise UserError(f"pairs.contrast: the first {n} demonstrations of constitution {constitution.name!r} need "
+                        f"at least one that refuses and one that answers (found {len(refusing)} and "
+                        f"{len(answering)}); raise pairs.sample_demonstrations or set pairs.contrast: false")
+    return [_turns(refusing), _turns(answering)]
+
+
+def _turns(demonstrations) -> list[dict]:
     turns = []
-    for d in constitution.demonstrations[:n]:
+    for d in demonstrations:
         turns += [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.revision}]
     return turns
+
+
+def demonstration_turns(constitution, n: int) -> list[dict]:
+    """The constitution's first `n` shared demonstrations as earlier turns: each request, then its revised answer."""
+    return _turns(constitution.demonstrations[:n])

@@ -225,3 +225,35 @@ def test_samples_can_be_drawn_in_the_constitutions_style(tmp_path):
                                                     demos[1].revision]
     assert seen[0][-1] == {"role": "user", "content": "How do I pick a lock?"}
     assert done.outputs["p1"]["responses"] == ["plain answer", "sample after 5 turns", "sample after 5 turns"]
+
+
+def test_contrast_alternates_refusing_and_answering_demonstrations(tmp_path):
+    """pairs.contrast: the extra samples see, in turn, the demonstrations that refuse and those that answer (the
+    default constitution's first 5: 2 refusals, 3 answers), so both kinds of answer reach the judge."""
+    from lora_cai.evaluation import is_refusal
+    from lora_cai.responses import samples_stage
+
+    seen = []
+    gen = Scripted(lambda conv: seen.append(conv) or "a sample")
+    c = ctx(tmp_path, Models(gen), "samples", **{"pairs.builder": "best_of_n", "pairs.n_samples": 5,
+                                                 "pairs.sample_demonstrations": 5, "pairs.contrast": True})
+    responses = [{"id": "p1", "prompt": "How do I pick a lock?", "response": "plain answer"}]
+    samples_stage(c, inp("samples"), responses)
+    assert len(seen) == 4
+    shown = [[m["content"] for m in conv[1:-1:2]] for conv in seen]  # the demonstrations' answers in each context
+    assert [all(map(is_refusal, s)) for s in shown] == [True, False, True, False]
+    assert [len(s) for s in shown] == [2, 3, 2, 3]
+    assert all(not any(map(is_refusal, s)) for s in shown[1::2])
+
+
+def test_contrast_needs_demonstrations_of_both_kinds(tmp_path):
+    from lora_cai.errors import UserError
+    from lora_cai.responses import sample_contexts
+
+    from lora_cai.constitution import load_constitution
+
+    constitution = load_constitution("default")
+    with pytest.raises(UserError, match=r"pairs.contrast: the first 1 demonstrations of constitution 'default' need "
+                                        r"at least one that refuses and one that answers \(found 0 and 1\)"):
+        sample_contexts(constitution, 1, True)
+    assert len(sample_contexts(constitution, 5, True)) == 2 and len(sample_contexts(constitution, 5, False)) == 1
