@@ -182,8 +182,6 @@ def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
     if os.environ.get("GPU_CHECK_BACKEND", "unsloth") == "unsloth":
         with contextlib.suppress(Exception):
             import unsloth  # noqa: F401  (before transformers, as lora_cai does)
-    import torch
-
     from lora_cai import models, recipe, rounds, training
     from lora_cai.tiny import build_tiny_model
 

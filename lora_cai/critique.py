@@ -13,10 +13,14 @@ import difflib
 import hashlib
 import random
 import re
+from typing import TYPE_CHECKING
 
 from .constitution import Constitution, Demonstration, Principle
 from .generation import GenerationStats
 from .store import JsonlStage, content_hash
+
+if TYPE_CHECKING:
+    from .stage import Done
 
 
 def pick_principle(constitution: Constitution, seed: int, prompt_id: str, step: int) -> Principle:
@@ -154,7 +158,7 @@ def revision_pairs(trajectories: list[dict]) -> list[dict]:
     return pairs
 
 
-def critique_stage(ctx, inp, responses: list[dict]) -> "Done":
+def critique_stage(ctx, inp, responses: list[dict]) -> Done:
     """K critique -> revision steps over the round's responses (critique-<s>.jsonl, committed per batch), then
     the trajectories (trajectories.jsonl) that SFT records and revision pairs are read from.
 
