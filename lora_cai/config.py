@@ -193,7 +193,8 @@ class _TrainSettings(Section):
 
 class SFTSettings(_TrainSettings):
     learning_rate: float = Field(2e-4, gt=0, description="SFT learning rate.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the revisions.")
+    epochs: float = Field(1.0, ge=0, description="Passes over the revisions; 0 skips SFT (the preference "
+                                                 "objective alone trains the round's adapter).")
     batch_size: int = Field(4, gt=0, description="Sequences per device step.")
     max_length: int = Field(1024, gt=0, description="Truncate SFT sequences to this many tokens.")
     helpful_data: NonBlank | None = Field(

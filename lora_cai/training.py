@@ -616,8 +616,13 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
         frozen = ctx.models.frozen
         log_kw = {"report_to": list(cfg.report_to), "logging_dir": ctx.run_dir / "logs" / round_dir(k)}
         sft_done = ckpt / "sft-adapter"
+        if cfg.sft.epochs == 0 and not pairs:
+            raise UserError(f"round {k}: sft.epochs is 0 and the round has no preference pairs, so nothing would "
+                            f"train its adapter; set sft.epochs above 0 or make pairs (pairs.builder)")
         with peak_memory(done.summary, "train"):
-            if (sft_done / "adapter_model.safetensors").exists():  # SFT finished before a crash: keep it
+            if cfg.sft.epochs == 0:  # SFT switched off: the preference objective alone
+                sft_log = []
+            elif (sft_done / "adapter_model.safetensors").exists():  # SFT finished before a crash: keep it
                 models.load_trainable_weights(model, sft_done, frozen)
                 sft_log = read_jsonl(ckpt / "sft_log.jsonl")
             else:
