@@ -262,9 +262,11 @@ def _convert_into(path: Path, out: Path) -> None:
 
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    if not _tokenizer_survives(tokenizer, out) and _bpe_from_unigram_scores(tokenizer):
+    saved = AutoTokenizer.from_pretrained(out)  # what every later load will see
+    if _probe_ids(saved) != _probe_ids(tokenizer) and _bpe_from_unigram_scores(tokenizer):
         tokenizer.save_pretrained(out)  # the repaired vocabulary, merges rebuilt from the GGUF's scores
-    _check_tokenizer(model, tokenizer, out, path)
+        saved = AutoTokenizer.from_pretrained(out)
+    _check_tokenizer(model, saved, path)
 
 
 def _fix_tokenizer(tokenizer, config) -> None:
@@ -333,13 +335,6 @@ def _probe_ids(tokenizer) -> list[int]:
     return tokenizer(PROBE, add_special_tokens=False)["input_ids"]
 
 
-def _tokenizer_survives(tokenizer, out: Path) -> bool:
-    """Whether the tokenizer saved in `out` splits the probe as the one in memory does."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(out)(PROBE, add_special_tokens=False)["input_ids"] == _probe_ids(tokenizer)
-
-
 def _bpe_from_unigram_scores(tokenizer) -> bool:
     """Rebuild a SentencePiece-BPE vocabulary (Gemma's) as the BPE it is; return whether it was one.
 
@@ -374,8 +369,9 @@ def probe_perplexity(model, ids: list[int]) -> float:
     return float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).exp())
 
 
-def _check_tokenizer(model, tokenizer, out: Path, path: Path) -> None:
-    """Refuse, in one line, a conversion whose saved tokenizer a model cannot read text through.
+def _check_tokenizer(model, saved, path: Path) -> None:
+    """Refuse, in one line, a conversion whose saved tokenizer (`saved`, loaded back from the conversion) a model
+    cannot read text through.
 
     Two symptoms of a vocabulary that converted wrongly, measured on English prose after save and reload: about
     one token per character (merges lost), and a model that predicts the text worse than guessing each byte
@@ -386,10 +382,7 @@ def _check_tokenizer(model, tokenizer, out: Path, path: Path) -> None:
     """
     import math
 
-    from transformers import AutoTokenizer
-
-    saved = AutoTokenizer.from_pretrained(out)
-    ids = saved(PROBE, add_special_tokens=False)["input_ids"]
+    ids = _probe_ids(saved)
     per_char = len(ids) / len(PROBE)
     ppl = probe_perplexity(model, ([saved.bos_token_id] if saved.bos_token_id is not None else []) + ids)
     nats_per_char = math.log(ppl) * len(ids) / len(PROBE)

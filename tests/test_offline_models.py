@@ -188,8 +188,8 @@ def test_a_gemma_vocabulary_is_rebuilt_as_the_bpe_it_is(tmp_path):
     tok = _gemma_tokenizer_as_transformers_reads_a_gguf(pieces, scores)
     assert offline_models._bpe_from_unigram_scores(tok)
     tok.save_pretrained(tmp_path)
-    assert offline_models._tokenizer_survives(tok, tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert offline_models._probe_ids(reloaded) == offline_models._probe_ids(tok)  # it survives save and reload
     for text in ("How do I bake bread at home? The capital of France is Paris.", offline_models.PROBE):
         ids = reloaded(text, add_special_tokens=False)["input_ids"]
         # the merges recovered from the scores split text exactly as the BPE the vocabulary was trained as
@@ -204,13 +204,13 @@ def test_a_tokenizer_that_splits_characters_is_refused_in_one_line(tiny, tmp_pat
 
     model = AutoModelForCausalLM.from_pretrained(tiny["hf"])
     tok = AutoTokenizer.from_pretrained(tiny["hf"])
-    offline_models._check_tokenizer(model, tok, tiny["hf"], Path("good.gguf"))  # a healthy vocabulary passes
+    offline_models._check_tokenizer(model, tok, Path("good.gguf"))  # a healthy vocabulary passes
     vocab = tok.get_vocab()
     tok.backend_tokenizer.model = models.BPE(vocab=vocab, merges=[])  # the merges lost: one token per character
     tok.save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"broken\.gguf: its tokenizer converts wrongly \(1\.\d\d tokens per "
                                         r"character of English; .*\); use the model's original checkpoint") as error:
-        offline_models._check_tokenizer(model, tok, tmp_path, Path("broken.gguf"))
+        offline_models._check_tokenizer(model, AutoTokenizer.from_pretrained(tmp_path), Path("broken.gguf"))
     assert "\n" not in str(error.value)
 
 
