@@ -212,34 +212,27 @@ def interactive(session: ChatSession, console, labels: dict[str, str]) -> None:
         print_answers(console, session.ask(text), labels)
 
 
-def compare_rows(run_dir: Path, manifest: dict, changed_only: bool = False) -> tuple[list[int], list[dict]]:
-    """The policies evaluated (0: base) and, per held-out prompt, its set and each policy's answer and verdict."""
+def compare_rows(run_dir: Path, manifest: dict, changed_only: bool = False) -> tuple[list[int], list[tuple[str, list[dict]]]]:
+    """The policies evaluated (0: base) and the held-out prompts per set with every policy's answer and verdicts
+    (`report.side_by_side`, read from the run's evaluations); with `changed_only`, the changed prompts only."""
     from .dataset import heldout_answers
+    from .report import side_by_side
 
-    answers = heldout_answers(run_dir, sorted(int(k) for k in manifest.get("rounds", {})))
-    policies = sorted(answers)
-    rows: dict[str, dict] = {}
-    for k in policies:
-        for s in answers[k]:
-            row = rows.setdefault(s["id"], {"prompt": s["prompt"], "set": s.get("set"), "answers": {}})
-            row["answers"][k] = (s.get("answer"), s.get("refusal"))
-    out = [r for r in rows.values() if not changed_only or len(set(r["answers"].values())) > 1]
-    out.sort(key=lambda r: (r["set"] != "harmful", r["set"] or ""))  # harmful prompts first, then benign
-    return policies, out
+    policies, groups = side_by_side(heldout_answers(run_dir, sorted(int(k) for k in manifest.get("rounds", {}))))
+    groups = [(title, [r for r in rows if r["changed"] or not changed_only]) for title, rows in groups]
+    return policies, [(title, rows) for title, rows in groups if rows]
 
 
 def print_compare(console, run_dir: Path, manifest: dict, changed_only: bool, max_chars: int = 400) -> int:
     from rich.table import Table
 
-    policies, rows = compare_rows(run_dir, manifest, changed_only)
+    from .report import refusal_label
+
+    policies, groups = compare_rows(run_dir, manifest, changed_only)
     if not policies:
         raise UserError(f"{run_dir}: no evaluation yet (no baseline-eval.json or round eval.json); run the recipe "
                         f"until a round has been evaluated")
-    for label in ("harmful", "benign", None):
-        group = [r for r in rows if r["set"] == label]
-        if not group:
-            continue
-        title = {"harmful": "held-out harmful prompts", "benign": "held-out benign prompts"}.get(label, "other")
+    for title, group in groups:
         table = Table(title=f"{title} ({len(group)})", show_lines=True, expand=True)
         table.add_column("prompt", ratio=1)
         for k in policies:
@@ -247,13 +240,14 @@ def print_compare(console, run_dir: Path, manifest: dict, changed_only: bool, ma
         for r in group:
             cells = []
             for k in policies:
-                answer, refused = r["answers"].get(k, (None, None))
-                verdict = {True: "refused", False: "answered"}.get(refused, "n/a")
+                cell = r["cells"].get(k, {})
+                answer = cell.get("answer")
                 text = "" if answer is None else (answer if len(answer) <= max_chars else answer[:max_chars] + "…")
-                cells.append(_plain(f"{verdict}\n", "bold") + _plain(text))
+                cells.append(_plain(f"{refusal_label(cell)}\n", "bold") + _plain(text))
             table.add_row(_plain(r["prompt"]), *cells)
         console.print(table)
-    console.print(_plain(f"{len(rows)} prompts" + (" whose answer or verdict changed" if changed_only else "")))
+    shown = sum(len(group) for _, group in groups)
+    console.print(_plain(f"{shown} prompts" + (" whose answer or verdict changed" if changed_only else "")))
     return 0
 
 

@@ -739,13 +739,20 @@ def _judge_check(run: dict) -> str:
 
 
 def compare_groups(run: dict) -> tuple[list[int], list[tuple[str, list[dict]]]]:
-    """The policies evaluated (0: base) and, per held-out set, each prompt with every policy's answer, refusal
-    verdict and win verdict against the previous policy (None where not stored: runs made before it was)."""
+    """`side_by_side` of the run's evaluations as the report loaded them (round 0: baseline-eval.json)."""
     evals = [(0, run["baseline"])] + [(r["k"], r["eval"]) for r in run["rounds"]]
-    evals = [(k, e) for k, e in evals if isinstance(e, dict) and isinstance(e.get("samples"), list)]
+    return side_by_side({k: e["samples"] for k, e in evals if isinstance(e, dict) and isinstance(e.get("samples"), list)})
+
+
+def side_by_side(answers: dict[int, list[dict]]) -> tuple[list[int], list[tuple[str, list[dict]]]]:
+    """The policies evaluated (0: base) and, per held-out set (harmful first), each prompt with every policy's answer,
+    refusal verdict and win verdict against the previous policy (None where not stored: runs made before it was),
+    and whether the answer or its verdict changed between policies. `answers`: each policy's eval.json samples.
+    The report's section and `chat --compare` both show this."""
+    policies = sorted(answers)
     rows: dict[tuple, dict] = {}
-    for k, e in evals:
-        for smp in e["samples"]:
+    for k in policies:
+        for smp in answers[k]:
             if not isinstance(smp, dict):
                 continue
             row = rows.setdefault((smp.get("set"), smp.get("id")), {"prompt": smp.get("prompt"), "set": smp.get("set"),
@@ -753,7 +760,6 @@ def compare_groups(run: dict) -> tuple[list[int], list[tuple[str, list[dict]]]]:
             row["cells"][k] = {"answer": smp.get("answer"), "refused": smp.get("refusal"),
                                "win": _number(smp.get("win_vs_previous")) if "win_vs_previous" in smp else None,
                                "win_stored": "win_vs_previous" in smp}
-    policies = [k for k, _ in evals]
     for row in rows.values():
         cells = [row["cells"].get(k, {}) for k in policies]
         row["changed"] = len({(c.get("answer"), c.get("refused")) for c in cells}) > 1

@@ -174,10 +174,11 @@ def test_compare_prints_the_held_out_answers_side_by_side(run, capsys):
     assert "held-out harmful prompts (2)" in out and "held-out benign prompts (2)" in out
     assert out.index("held-out harmful") < out.index("held-out benign")
     assert all(h in out for h in ("base", "round 1", "round 2")) and f"{len(samples)} prompts" in out
-    policies, rows = chat.compare_rows(run, json.loads((run / "manifest.json").read_text()))
-    assert policies == [0, 1, 2] and len(rows) == len(samples)
-    changed = chat.compare_rows(run, json.loads((run / "manifest.json").read_text()), changed_only=True)[1]
-    assert all(len(set(r["answers"].values())) > 1 for r in changed)
+    policies, groups = chat.compare_rows(run, json.loads((run / "manifest.json").read_text()))
+    assert policies == [0, 1, 2] and sum(len(rows) for _, rows in groups) == len(samples)
+    changed = [r for _, rows in chat.compare_rows(run, json.loads((run / "manifest.json").read_text()),
+                                                  changed_only=True)[1] for r in rows]
+    assert all(len({(c["answer"], c["refused"]) for c in r["cells"].values()}) > 1 for r in changed)
     assert chat.main([str(run), "--compare", "--changed"]) == 0
     assert f"{len(changed)} prompts whose answer or verdict changed" in capsys.readouterr().out
     assert chat.main([str(run), "--changed"]) == 2
