@@ -243,9 +243,10 @@ that does not apply is null. A record repeated in a later round is kept once, un
 
 
 def check_target(out: Path) -> Path:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--dataset {out}: already exists and is not empty; choose another path or remove it")
+    """`--dataset OUT`: empty or new (export's check of `--out`), and somewhere this process can write."""
+    from .export import _check_out
+
+    out = _check_out(out, "--dataset")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     probe = parent / f".lora_cai-write-test-{hashlib.sha256(str(out).encode()).hexdigest()[:8]}"
     try:

@@ -214,10 +214,10 @@ def _check_adapters(adapters: list[Path]) -> None:
                             f"missing); the run directory is damaged: restore it, or export fewer adapters with --upto")
 
 
-def _check_out(out: Path) -> Path:
+def _check_out(out: Path, flag: str = "--out") -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: already exists and is not empty; choose another path or remove it")
+        raise UserError(f"{flag} {out}: already exists and is not empty; choose another path or remove it")
     return out
 
 
