@@ -150,12 +150,13 @@ class Counters:
 
 def fingerprint(model) -> str:
     """sha256 over the base model's own tensors (4-bit weights, their quantization state, norms, embeddings)."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" not in name:
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8)
-                          .numpy().tobytes())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

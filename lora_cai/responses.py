@@ -83,7 +83,7 @@ def sample_contexts(constitution, n: int, contrast: bool) -> list[list[dict]]:
     from .evaluation import is_refusal
 
     if not contrast:
-        return [demonstration_turns(constitution, n)]
+        return [_turns(constitution.demonstrations[:n])]
     demos = constitution.demonstrations[:n]
     refusing = [d for d in demos if is_refusal(d.revision)]
     answering = [d for d in demos if not is_refusal(d.revision)]
@@ -100,7 +100,3 @@ def _turns(demonstrations) -> list[dict]:
         turns += [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.revision}]
     return turns
 
-
-def demonstration_turns(constitution, n: int) -> list[dict]:
-    """The constitution's first `n` shared demonstrations as earlier turns: each request, then its revised answer."""
-    return _turns(constitution.demonstrations[:n])

@@ -12,13 +12,15 @@ is the better answer (1.0 for unjudged revision pairs). With m = (log pi(c) - lo
 - `weight`: -(2p - 1) * logsigmoid(z)                       (confidence-weighted DPO)
 - `target`: -p * logsigmoid(z) - (1 - p) * logsigmoid(-z)   (conservative DPO with eps = 1 - p, per pair)
 
-and the step's loss is the plain mean over the batch's pairs. The other objectives of TRL's DPO family
-(`dpo.loss`: ipo, robust, hinge, apo_zero; `preference_losses`) take `weight` the same way, and IPO takes
-`target` as its target margin scaled by 2p - 1; with soft labels off every objective is TRL's own code. `weight` is deliberately *not*
+and the step's loss is the plain mean over the batch's pairs. `weight` is deliberately *not*
 renormalised by the batch's mean weight: a pair at p = 0.5 then contributes exactly zero gradient, and a
 batch of unsure pairs takes a proportionally smaller step instead of being scaled back up to full
 strength (renormalising would also divide by zero on a batch of p = 0.5 pairs and make the effective
 learning rate depend on which pairs share a batch).
+
+The other objectives of TRL's DPO family (`dpo.loss`: ipo, robust, hinge, apo_zero; `preference_losses`) take
+`weight` the same way, and IPO takes `target` as its target margin scaled by 2p - 1; with soft labels off every
+objective is TRL's own code.
 """
 
 from __future__ import annotations
@@ -345,16 +347,6 @@ def preference_losses(loss: str, chosen_logratios, rejected_logratios, p_chosen,
     if target and loss not in ("sigmoid", "ipo"):
         raise ValueError(f"soft_labels target is not defined for dpo.loss {loss}")
     return (2 * p - 1) * per if mode == "weight" else per
-
-
-def soft_dpo_losses(margins, p_chosen, beta: float, mode: str):
-    """Per-pair sigmoid DPO losses for implicit-reward margins `margins` and judged probabilities `p_chosen`
-    (`preference_losses` for `dpo.loss: sigmoid`; see the module docstring)."""
-    import torch
-
-    if mode not in SOFT_LABELS:
-        raise ValueError(f"soft_labels: {mode!r} is not one of {SOFT_LABELS}")
-    return preference_losses("sigmoid", margins, torch.zeros_like(margins), p_chosen, mode, beta=beta)
 
 
 class _WithPChosen:

@@ -264,6 +264,11 @@ def test_soft_weight_half_confident_pairs_leave_the_adapter_unchanged(tiny_model
     assert any(not torch.equal(moved[n], p.to(moved[n].dtype)) for n, p in start.items() if "lora_B" in n)
 
 
+def soft_dpo_losses(margins, p, beta, mode):
+    """Sigmoid DPO's per-pair losses for margins m (chosen log-ratio m, rejected 0)."""
+    return training.preference_losses("sigmoid", margins, torch.zeros_like(margins), p, mode, beta=beta)
+
+
 def test_soft_dpo_losses_per_pair():
     """The per-pair formulas: values, zero gradient at p = 0.5 for `weight`, cDPO's pull towards margin 0."""
     import torch.nn.functional as F
@@ -271,19 +276,19 @@ def test_soft_dpo_losses_per_pair():
     m = torch.tensor([2.0, -1.0, 0.5, 3.0], requires_grad=True)
     p = torch.tensor([1.0, 0.5, 0.8, 0.9])
     beta = 0.5
-    w = training.soft_dpo_losses(m, p, beta, "weight")
+    w = soft_dpo_losses(m, p, beta, "weight")
     assert torch.allclose(w, -(2 * p - 1) * F.logsigmoid(beta * m))
     w.sum().backward()
     assert m.grad[1] == 0 and (m.grad[[0, 2, 3]] < 0).all()
-    t = training.soft_dpo_losses(m.detach(), p, beta, "target")
+    t = soft_dpo_losses(m.detach(), p, beta, "target")
     eps = 1 - p
     assert torch.allclose(t, -(1 - eps) * F.logsigmoid(beta * m) - eps * F.logsigmoid(-beta * m))
     # cDPO's minimum is at sigmoid(beta m) = p: the loss there is the label's entropy
     m_star = torch.logit(torch.tensor(0.8)) / beta
     grid = m_star + torch.linspace(-1, 1, 21)
-    vals = training.soft_dpo_losses(grid, torch.full_like(grid, 0.8), beta, "target")
+    vals = soft_dpo_losses(grid, torch.full_like(grid, 0.8), beta, "target")
     assert int(vals.argmin()) == 10
-    assert torch.equal(training.soft_dpo_losses(m.detach(), p, beta, "off"), -F.logsigmoid(beta * m.detach()))
+    assert torch.equal(soft_dpo_losses(m.detach(), p, beta, "off"), -F.logsigmoid(beta * m.detach()))
 
 
 # --------------------------------------------------------------------------------------------------
