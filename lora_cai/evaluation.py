@@ -545,7 +545,8 @@ def win_rate(ctx, current: list[dict], previous: list[dict]) -> dict:
                           J.WIN_RATE_QUESTION, "win_rate", labels.get((s["set"], s["id"])))
              for s in current if s["answer"] and before.get((s["set"], s["id"]))
              and s["answer"].strip() != before[(s["set"], s["id"])].strip()]
-    same = sum(1 for s in current if s["answer"] and before.get((s["set"], s["id"])) == s["answer"])
+    identical = {(s["set"], s["id"]) for s in current if s["answer"] and before.get((s["set"], s["id"])) == s["answer"]}
+    same = len(identical)
     judge = ctx.models.judge(ctx.cfg, ctx.k, ctx.stack, ctx.data.rules)
     recs = J.judge_comparisons(judge, comps) if comps else []
     scored = [r["p_raw"] for r in recs if r["p_raw"] is not None]
@@ -554,9 +555,7 @@ def win_rate(ctx, current: list[dict], previous: list[dict]) -> dict:
     # 0.5 for an identical answer, None where the judge gave no usable answer or there was nothing to compare.
     p_of = {r["id"]: r["p_raw"] for r in recs}
     for s in current:
-        key = (s["set"], s["id"])
-        s["win_vs_previous"] = (0.5 if s["answer"] and before.get(key) == s["answer"]
-                                else p_of.get(f"{s['set']}:{s['id']}"))
+        s["win_vs_previous"] = 0.5 if (s["set"], s["id"]) in identical else p_of.get(f"{s['set']}:{s['id']}")
     return {"win_rate": (sum(scored) + 0.5 * same) / n if n else None,
             "wins": sum(p > 0.5 for p in scored), "losses": sum(p < 0.5 for p in scored),
             "ties": sum(p == 0.5 for p in scored) + same, "garbled": len(recs) - len(scored),
