@@ -105,8 +105,12 @@ class ChatServer(ThreadingHTTPServer):
         generation in progress to end, so the model is free for the caller when this returns."""
         if self._closed:
             return
-        self._closed = True
         super().shutdown()
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket and wait for a generation still running in a handler thread (up to a minute)."""
+        self._closed = True
         self.server_close()
         if self.generate_lock.acquire(timeout=60):
             self.generate_lock.release()
@@ -481,7 +485,7 @@ def _main(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()  # the process must not begin to exit (and tear torch down) under a thread inside the model
     print("stopped", file=sys.stderr)
     return 0
 

@@ -350,7 +350,9 @@ def test_serve_cli_serves_a_model_directory(tiny_model, expected):
                              "--model-name", "cli-tiny"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, env=env)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    seen: list[str] = []  # everything the server wrote, shown when it exits badly
+    threading.Thread(target=lambda: [(lines.put(line), seen.append(line)) for line in proc.stderr],
+                     daemon=True).start()
     try:
         deadline = time.monotonic() + 90
         url = None
@@ -369,7 +371,10 @@ def test_serve_cli_serves_a_model_directory(tiny_model, expected):
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            assert proc.wait(timeout=30) == 0
+            code = proc.wait(timeout=30)
+            time.sleep(0.2)  # let the reader thread take the last lines
+            assert code == 0, f"the server exited with {code}; its stderr ended:\n" + "".join(seen[-30:])
+            assert seen[-1].strip() == "stopped"
         finally:
             if proc.poll() is None:
                 proc.kill()
