@@ -1,21 +1,30 @@
-"""Benchmark: what frozen adapters stacked under the trainable one cost per training step.
+"""Benchmark: what the earlier rounds cost a training step and generation, one adapter vs stacked adapters.
 
-A random Llama (hidden 512, 4 layers, by default) in 4-bit NF4, LoRA r=16 on every linear layer.
-Three policies built the way a round builds them (`lora_cai.models.build_policy`): the trainable
-`default` adapter alone, and with 1 and with 3 frozen adapters (random, non-zero) active underneath.
-One training step = forward + backward of a causal-LM loss on a fixed batch (the optimizer step touches
-only `default` and is the same in every case). Repetitions alternate between the three policies, so a busy
-spell on a shared machine hits all of them; each policy's median is reported. The clock is the process's
-CPU time with one torch thread (`--threads 1`, the default), which other jobs on a shared machine do not
-inflate the way they inflate wall time; wall-time medians are printed too.
+A random Llama (hidden 512, 4 layers, by default) in 4-bit NF4, LoRA r=16 on every linear layer, three earlier
+rounds (random, non-zero adapters of the same rank). Policies built the way a round builds them
+(`lora_cai.models.build_policy`): the trainable `default` adapter alone (`alone`), the three earlier rounds
+concatenated into it as frozen slices (`concat`, rank 64: what rounds 2+ run, `lora_cai.concat`), and the three
+kept as separate active adapters beside it (`stacked`, what rounds 2+ ran before). One training step = forward +
+backward of a causal-LM loss on a fixed batch. Repetitions alternate between the policies, so a busy spell on a
+shared machine hits all of them; each policy's median is reported. The clock is the process's CPU time with one
+torch thread (`--threads 1`, the default), which other jobs on a shared machine do not inflate the way they
+inflate wall time; wall-time medians are printed too. Generation: greedy `generate` of `--new-tokens` tokens from
+the same batch's first row, tokens per CPU second.
+
+`floor: F` is what a count of multiply-adds predicts for the concatenated step over the alone step: per token,
+the base's linear layers forward and their input gradient backward (2 x in x out each; the 4-bit weights get no
+gradient), attention scores and values (forward and twice backward), and LoRA of rank R forward, input gradient
+and weight gradient (3 x R x (in + out); the frozen slices' weight gradient is computed, then zeroed by the hook).
+Dequantizing the 4-bit weights is not counted, so F is a floor for the ratio, not a prediction of time.
 
 Each backend runs in its own process (Unsloth must be imported before transformers): `transformers`
-(peft) and, where it imports, `unsloth` (`FastLanguageModel.get_peft_model`, then `load_adapter` for
-the frozen ones). Prints per backend and policy the median ms per step and, as the last line,
-`ratio: X.XX` = (3 frozen + trainable) / (trainable alone), CPU time, on the transformers path.
+(peft) and, where it imports, `unsloth` (`FastLanguageModel.get_peft_model`; on a CPU, stock PEFT).
+Prints per backend and policy the median ms per step, the generation tokens/s and their ratios, then
+`floor: F` and, as the last line, `ratio: X.XX` = concat / alone training step, CPU time, on the transformers path.
+Goal (issue #14): X <= F + 0.05.
 
     python benchmarks/bench_stack.py [--hidden 512] [--layers 4] [--batch 4] [--seq 128] [--reps 15]
-                                     [--backends transformers,unsloth] [--threads 1]
+                                     [--new-tokens 32] [--backends transformers,unsloth] [--threads 1]
 
 Not a timed test: numbers depend on the machine.
 """
@@ -37,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
 
-STACKS = (0, 1, 3)
+FROZEN = 3  # earlier rounds
 
 
 def make_adapters(model_dir: Path, out: Path, n: int, r: int) -> list[Path]:
@@ -63,26 +72,57 @@ def make_adapters(model_dir: Path, out: Path, n: int, r: int) -> list[Path]:
     return paths
 
 
+POLICIES = ("alone", "concat", "stacked")
+
+
+def floor_ratio(model, r: int, frozen_rank: int, seq: int) -> float:
+    """Multiply-adds per token of a training step with the frozen ranks concatenated over the step without them."""
+    import torch
+
+    base = lora = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A"):  # a targeted projection: its 4-bit base layer, plus LoRA
+            layer = module.get_base_layer()
+            base += layer.in_features * layer.out_features
+            lora += layer.in_features + layer.out_features
+        elif isinstance(module, torch.nn.Linear) and "lora_" not in name and not name.endswith("base_layer"):  # lm_head
+            base += module.in_features * module.out_features
+    cfg = model.config
+    attention = 2 * cfg.num_hidden_layers * seq * cfg.hidden_size  # scores and values, one token against `seq`
+
+    def step(rank: int) -> float:
+        return 2 * base + 3 * attention + 3 * rank * lora
+
+    return step(r + frozen_rank) / step(r)
+
+
 def worker(args) -> None:
-    """Time the three policies on one backend; print one JSON line {stack: [ms, ...]} last."""
+    """Time the policies on one backend; print one JSON line {policy: [[cpu ms, wall ms], ...], ...} last."""
     from lora_cai import models
+    from lora_cai.concat import concat_of
     from lora_cai.config import LoraSettings, ModelConfig
 
     backend = models.resolve_backend(args.backend)  # imports Unsloth first where asked
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = ModelConfig(name=args.model_dir, backend=backend, max_seq_length=max(256, args.seq))
+    cfg = ModelConfig(name=args.model_dir, backend=backend, max_seq_length=max(256, args.seq + args.new_tokens))
     lora = LoraSettings(r=args.r, alpha=args.r)
     adapters = [Path(p) for p in json.loads(args.adapters)]
     policies = {}
-    for n in STACKS:
-        model, _, frozen = models.build_policy(cfg, lora, adapters[:n], backend, seed=0)
+    for name in POLICIES:
+        stack = [] if name == "alone" else adapters
+        model, _, frozen = models.build_policy(cfg, lora, stack, backend, seed=0, concat=name == "concat")
         models.for_training(model, backend)
-        assert models.active_adapters(model) == frozen + [models.TRAINABLE]
-        policies[n] = model
+        assert (concat_of(model) is not None) == (name == "concat") and bool(frozen) == (name == "stacked")
+        with torch.no_grad():  # a trained new adapter (B non-zero), the same in every policy
+            gen = torch.Generator().manual_seed(0)
+            for n, p in sorted(model.named_parameters()):
+                if ".default." in n and "lora_B" in n:
+                    p[:, -args.r:].copy_(torch.randn(p[:, -args.r:].shape, generator=gen) * 0.01)
+        policies[name] = model
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, policies[0].config.vocab_size, (args.batch, args.seq), generator=gen)
+    ids = torch.randint(0, policies["alone"].config.vocab_size, (args.batch, args.seq), generator=gen)
 
     def step(model) -> tuple[float, float]:
         c0, t0 = time.process_time(), time.perf_counter()
@@ -92,13 +132,30 @@ def worker(args) -> None:
         model.zero_grad(set_to_none=True)
         return cpu * 1000, wall * 1000
 
+    def generate(model) -> tuple[float, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids[:1, :32], max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 do_sample=False, pad_token_id=0)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        assert out.shape[1] == 32 + args.new_tokens
+        return cpu * 1000, wall * 1000
+
     for model in policies.values():  # warm-up: first-call allocations, lazy kernels
         step(model)
-    times = {n: [] for n in STACKS}
+    times = {name: [] for name in POLICIES}
     for _ in range(args.reps):
-        for n, model in policies.items():  # alternate
-            times[n].append(step(model))
-    print(json.dumps({"backend": backend, "times": times}))
+        for name, model in policies.items():  # alternate
+            times[name].append(step(model))
+    gen_times = {name: [] for name in POLICIES}
+    for model in policies.values():
+        models.for_inference(model, backend)
+        generate(model)
+    for _ in range(max(3, args.reps // 3)):
+        for name, model in policies.items():
+            gen_times[name].append(generate(model))
+    floor = floor_ratio(policies["concat"], args.r, concat_of(policies["concat"]).frozen_rank, args.seq)
+    print(json.dumps({"backend": backend, "times": times, "generate": gen_times, "floor": floor}))
 
 
 def main() -> None:
@@ -109,6 +166,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=15, help="timed steps per policy (alternating)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per timed generation")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU-time clock is exact with 1)")
     ap.add_argument("--backends", default="transformers,unsloth")
     ap.add_argument("--backend", help=argparse.SUPPRESS)  # worker mode
@@ -126,7 +184,7 @@ def main() -> None:
     model_dir = build_tiny_model(root / f"bench-stack-model-h{args.hidden}-l{args.layers}", hidden_size=args.hidden,
                                  layers=args.layers)
     adapters = make_adapters(model_dir, root / f"bench-stack-adapters-h{args.hidden}-l{args.layers}-r{args.r}",
-                             max(STACKS), args.r)
+                             FROZEN, args.r)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"random Llama hidden {args.hidden}, {args.layers} layers, 4-bit NF4; LoRA r={args.r} on all linear "
           f"layers; batch {args.batch} x {args.seq} tokens; {args.reps} alternating steps per policy; "
@@ -134,11 +192,12 @@ def main() -> None:
     if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
         print("warning: other processes are using the CPUs; medians of alternating runs soften that, but rerun on an "
               "idle machine for numbers to quote")
-    medians = {}
+    medians, gen_rates, floor = {}, {}, None
     for backend in args.backends.split(","):
         cmd = [sys.executable, __file__, "--backend", backend, "--model-dir", str(model_dir),
                "--adapters", json.dumps([str(p) for p in adapters]), "--r", str(args.r), "--batch", str(args.batch),
-               "--seq", str(args.seq), "--reps", str(args.reps), "--threads", str(args.threads)]
+               "--seq", str(args.seq), "--reps", str(args.reps), "--threads", str(args.threads),
+               "--new-tokens", str(args.new_tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
@@ -149,16 +208,26 @@ def main() -> None:
         if result["backend"] != backend:
             print(f"{backend}: not measured (resolved to {result['backend']})")
             continue
-        medians[backend] = {int(n): statistics.median(c for c, _ in ts) for n, ts in result["times"].items()}
-        for n, ms in sorted(medians[backend].items()):
-            cpu = sorted(c for c, _ in result["times"][str(n)])
-            wall = statistics.median(w for _, w in result["times"][str(n)])
-            print(f"{backend:12s} trainable + {n} frozen: median {ms:7.1f} ms CPU/step (min {cpu[0]:.1f}, max "
-                  f"{cpu[-1]:.1f}; wall median {wall:.1f}); x{ms / medians[backend][0]:.2f} vs alone")
+        floor = result["floor"]
+        med = medians[backend] = {name: statistics.median(c for c, _ in ts) for name, ts in result["times"].items()}
+        rate = gen_rates[backend] = {name: args.new_tokens / (statistics.median(c for c, _ in ts) / 1000)
+                                     for name, ts in result["generate"].items()}
+        for name in POLICIES:
+            cpu = sorted(c for c, _ in result["times"][name])
+            wall = statistics.median(w for _, w in result["times"][name])
+            print(f"{backend:12s} {name:8s} training step: median {med[name]:7.1f} ms CPU (min {cpu[0]:.1f}, max "
+                  f"{cpu[-1]:.1f}; wall median {wall:.1f}) x{med[name] / med['alone']:.2f} vs alone; generation "
+                  f"{rate[name]:6.1f} tok/s (CPU) x{rate['alone'] / rate[name]:.2f} time vs alone")
     if "transformers" not in medians:
         print("ratio: n/a (the transformers path did not run)")
         return
-    print(f"ratio: {medians['transformers'][3] / medians['transformers'][0]:.2f}")
+    med, rate = medians["transformers"], gen_rates["transformers"]
+    print(f"stacked (3 separate adapters) / alone: {med['stacked'] / med['alone']:.2f}; "
+          f"concat / stacked: {med['concat'] / med['stacked']:.2f}")
+    print(f"generation time, concat / alone: {rate['alone'] / rate['concat']:.2f}; "
+          f"stacked / alone: {rate['alone'] / rate['stacked']:.2f}")
+    print(f"floor: {floor:.2f}")
+    print(f"ratio: {med['concat'] / med['alone']:.2f}")
 
 
 if __name__ == "__main__":

@@ -161,10 +161,19 @@ def fingerprint(model) -> str:
 
 
 def stack_check(model, stack_dir: Path) -> dict:
-    """At an adapter save: each frozen round's weights in memory against its saved file, bit for bit."""
+    """At an adapter save: each frozen round's weights in memory against its saved file, bit for bit (as slices of
+    the one concatenated adapter: B scaled by s_i/s, `lora_cai.concat`), and whether the new adapter learnt."""
     import torch
     from safetensors.torch import load_file
 
+    from lora_cai.concat import concat_of, frozen_slices_match_sources
+
+    cat = concat_of(model)
+    if cat is not None:
+        frozen = {Path(p).parent.name.split("-")[1]: ok for p, ok in frozen_slices_match_sources(model).items()}
+        b = [p[:, cat.frozen_rank:] for n, p in model.named_parameters() if "lora_B" in n and f".{cat.adapter}." in n]
+        return {"frozen_equal_their_files": frozen, "one_adapter": True,
+                "new_adapter_moved": bool(b) and any(float(p.detach().float().abs().sum()) > 0 for p in b)}
     named = dict(model.named_parameters())
     frozen, moved = {}, None
     for adapter in sorted(stack_dir.glob("round-*/adapter/adapter_model.safetensors")):
@@ -176,7 +185,7 @@ def stack_check(model, stack_dir: Path) -> dict:
                             for n, t in saved.items())
     b = [p for n, p in named.items() if "lora_B" in n and ".default." in n]
     moved = bool(b) and any(float(p.detach().float().abs().sum()) > 0 for p in b)
-    return {"frozen_equal_their_files": frozen, "new_adapter_moved": moved}
+    return {"frozen_equal_their_files": frozen, "one_adapter": not frozen, "new_adapter_moved": moved}
 
 
 def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
@@ -241,8 +250,37 @@ def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
                {s: t.get("seconds") for s, t in summary.get("timing", {}).items()})
         record(out, key + ("rounds", k, "peak_memory_gb"), summary.get("peak_memory_gb"))
         record(out, key + ("rounds", k, "fused_kernels"), counters.of_round(int(k)))
+        record(out, key + ("rounds", k, "seconds_per_step"), steps_time(run_dir / f"round-{k}"))
+    rounds_done = out_rounds(out, key)
+    if {"1", "2"} <= set(rounds_done):  # round 2 trains on round 1 concatenated: its step should cost about the same
+        per_step = {k: rounds_done[k].get("seconds_per_step") or {} for k in ("1", "2")}
+        record(out, key + ("round2_over_round1_step",),
+               {stage: round(per_step["2"][stage] / per_step["1"][stage], 3) for stage in ("sft", "dpo")
+                if per_step["1"].get(stage) and per_step["2"].get(stage)})
     record(out, key + ("base_identical_in_every_round",), len(set(fingerprints.values())) == 1 and len(saves) == 2)
     record(out, key + ("status",), "ok" if rc == 0 else f"recipe exit {rc}")
+
+
+def steps_time(round_dir: Path) -> dict:
+    """Seconds per optimizer step of the round's SFT and DPO, from the trainers' own logs."""
+    out = {}
+    for stage in ("sft", "dpo"):
+        log = round_dir / f"{stage}_log.jsonl"
+        if not log.exists():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        end = [r for r in rows if "train_runtime" in r]
+        steps = max((int(r.get("step", 0)) for r in rows), default=0)
+        if end and steps:
+            out[stage] = round(end[-1]["train_runtime"] / steps, 4)
+    return out
+
+
+def out_rounds(out: Path, key: tuple) -> dict:
+    node = json.loads(out.read_text()) if out.exists() else {}
+    for part in key + ("rounds",):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node
 
 
 # ---------------------------------------------------------------- part (b): an 8B-shaped model in 4-bit

@@ -178,7 +178,7 @@ class EvalConfig(Section):
 class LoraSettings(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 keeps Unsloth's fast path).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout. 0 keeps Unsloth's fast path and lets rounds 2+ concatenate the earlier adapters into the new one (one active adapter); above 0 they stay separate (slower on a GPU).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Linear layers that get LoRA adapters.")

@@ -1,8 +1,9 @@
 """Loading the 4-bit base (Unsloth or transformers + bitsandbytes), stacking frozen adapters, the new adapter.
 
-Adapter naming inside one process: earlier rounds are `round-1` .. `round-(k-1)` (frozen), the adapter
-being trained is `default`. PEFT and TRL both assume an adapter called `default` exists; keeping the
-trainable one under that name means saving it writes a plain PEFT adapter folder.
+The adapter being trained is `default`: PEFT and TRL both assume an adapter of that name exists, and saving it
+writes a plain PEFT adapter folder. Earlier rounds are concatenated into it as frozen slices (`lora_cai.concat`: one
+active adapter, which keeps Unsloth's fused kernels on a GPU); where that would not be the same function (LoRA
+dropout) they stay separate frozen adapters `round-1` .. `round-(k-1)`, active beside it.
 """
 
 from __future__ import annotations
@@ -198,13 +199,19 @@ def active_adapters(model) -> list[str]:
 
 @contextlib.contextmanager
 def starting_policy(model, frozen: list[str]):
-    """The round's starting policy inside the block: base + frozen earlier adapters, the new one off."""
+    """The round's starting policy inside the block: base + earlier adapters, the new one off (its slice of a
+    concatenated adapter at zero, or the stack's adapters alone, or no adapter at all in round 1)."""
+    from .concat import concat_of, new_slice_off
+
     before = active_adapters(model)
     grads = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
     try:
         if frozen:
             set_active(model, frozen)
             yield model
+        elif concat_of(model) is not None:
+            with new_slice_off(model):
+                yield model
         else:
             with model.disable_adapter():
                 yield model
@@ -216,12 +223,16 @@ def starting_policy(model, frozen: list[str]):
 
 
 def use_starting_policy(model, frozen: list[str]) -> None:
-    """Until training, leave the new adapter out of every forward: the stack alone is active (no adapter at all in
-    round 1). Its B matrices are zero, so this computes the same numbers, minus the new adapter's multiply-adds
-    at every layer; and on a GPU the round's data is generated with one adapter fewer, which is what keeps
-    Unsloth's fused LoRA kernels in round 2 (they fall back to PEFT's forward with several active adapters)."""
+    """Until training, leave the new adapter out of every forward where it is separate: the stack alone is active
+    (no adapter at all in round 1). Its B matrices are zero, so this computes the same numbers, minus its
+    multiply-adds. A concatenated stack stays one adapter (its new slice's B is zero): on a GPU, one active adapter is
+    what keeps Unsloth's fused LoRA kernels (they fall back to PEFT's forward with several)."""
+    from .concat import concat_of
+
     if frozen:
         set_active(model, frozen)
+    elif concat_of(model) is not None:
+        set_active(model, [TRAINABLE])
     else:
         model.base_model.disable_adapter_layers()
 
@@ -232,11 +243,12 @@ def use_training_stack(model, frozen: list[str]) -> None:
     set_active(model, frozen + [TRAINABLE], trainable=TRAINABLE)
 
 
-def build_policy(model_cfg, lora, stack: list[Path], backend: str, seed: int):
-    """Base (4-bit) + earlier adapters (frozen, active) + a new zero-initialised `default` adapter (trainable).
+def build_policy(model_cfg, lora, stack: list[Path], backend: str, seed: int, *, concat: bool = True):
+    """Base (4-bit) + earlier adapters (frozen) + a new zero-initialised `default` adapter (trainable).
 
-    The new adapter's B matrices start at zero, so until training the model computes exactly the
-    round's starting policy.
+    Returns `(model, tokenizer, frozen)`: `frozen` names the earlier adapters active beside `default`, empty when
+    they are concatenated into it (`lora_cai.concat`; `concat=False` keeps them separate, as LoRA dropout does). The new
+    adapter's B matrices start at zero, so until training the model computes exactly the round's starting policy.
     """
     model, tokenizer = load_base(model_cfg, backend)
     cfg = lora_config(lora)
@@ -256,11 +268,19 @@ def build_policy(model_cfg, lora, stack: list[Path], backend: str, seed: int):
 
         torch.manual_seed(seed)
         model = get_peft_model(model, cfg, adapter_name=TRAINABLE)
+    from . import concat as C
+
     frozen = []
-    for k, path in enumerate(stack, 1):
-        name = stack_name(k)
-        _load_adapter(model, path, name)
-        frozen.append(name)
+    why_not = C.why_not_concatenable(lora, stack) if stack else None
+    if stack and concat and why_not is None:
+        C.concatenate(model, TRAINABLE, stack, trainable=True)
+    else:
+        if why_not:
+            _say(why_not)
+        for k, path in enumerate(stack, 1):
+            name = stack_name(k)
+            _load_adapter(model, path, name)
+            frozen.append(name)
     set_active(model, frozen + [TRAINABLE], trainable=TRAINABLE)
     return model, tokenizer, frozen
 
@@ -280,20 +300,34 @@ def save_adapter(model, dest: Path) -> None:
     import shutil
     import tempfile
 
+    from .concat import as_new_slice, concat_of
+
     dest = Path(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    model.save_pretrained(str(tmp), selected_adapters=[TRAINABLE], safe_serialization=True)
+    if concat_of(model) is not None:  # the new slice alone: an adapter of the round's own rank
+        with as_new_slice(model) as state_dict:
+            model.save_pretrained(str(tmp), selected_adapters=[TRAINABLE], safe_serialization=True,
+                                  state_dict=state_dict)
+    else:
+        model.save_pretrained(str(tmp), selected_adapters=[TRAINABLE], safe_serialization=True)
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
 
 
 def load_trainable_weights(model, path: Path, frozen: list[str]) -> None:
-    """Put a saved adapter's weights into the trainable `default` adapter (resuming after its SFT finished)."""
+    """Put a saved adapter's weights into the trainable `default` adapter (its new slice, when concatenated): resuming
+    after its SFT finished, or evaluating a round trained by another process."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")), adapter_name=TRAINABLE)
+    from .concat import concat_of, load_new_slice
+
+    if concat_of(model) is not None:
+        load_new_slice(model, path)
+    else:
+        set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")),
+                                  adapter_name=TRAINABLE)
     set_active(model, frozen + [TRAINABLE], trainable=TRAINABLE)
 
 
@@ -328,7 +362,8 @@ def free() -> None:
 
 
 def load_policy(run_dir, *, upto: int | None = None, backend: str = "auto", model_overrides: dict | None = None):
-    """A finished run's policy: the base in 4-bit with adapters 1..upto (default: the manifest's stack) active.
+    """A finished run's policy: the base in 4-bit with adapters 1..upto (default: the manifest's stack) applied,
+    concatenated into one adapter (`lora_cai.concat`; dropout plays no part in eval mode).
 
     Returns `(model, tokenizer)` in eval mode.
     """
@@ -344,18 +379,17 @@ def load_policy(run_dir, *, upto: int | None = None, backend: str = "auto", mode
     backend = resolve_backend(backend if backend != "auto" else manifest.get("backend", "auto"))
     from peft import PeftModel  # after the backend: Unsloth must be imported before peft to patch it
 
+    from .concat import concatenate
+
     model, tokenizer = load_base(model_cfg, backend)
-    names = []
-    for k, rel in enumerate(stack, 1):
-        path = store.root / rel
-        if k == 1:
-            if not (path / "adapter_config.json").is_file():
-                raise UserError(f"{path}: adapter missing or damaged")
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=stack_name(1), is_trainable=False)
-        else:
-            _load_adapter(model, path, stack_name(k))
-        names.append(stack_name(k))
-    if names:
-        set_active(model, names)
+    paths = [store.root / rel for rel in stack]
+    if paths:
+        last = paths[-1]
+        if not (last / "adapter_config.json").is_file():
+            raise UserError(f"{last}: adapter missing or damaged")
+        model = PeftModel.from_pretrained(model, str(last), adapter_name=stack_name(len(paths)), is_trainable=False)
+        if len(paths) > 1:
+            concatenate(model, stack_name(len(paths)), paths[:-1], trainable=False)
+        set_active(model, [stack_name(len(paths))])
     for_inference(model, backend)
     return model, tokenizer

@@ -92,8 +92,7 @@ class Models:
         from . import models
 
         model, tok = self.policy(cfg, k, stack)
-        model.load_adapter(str(adapter), adapter_name="trained", is_trainable=False)
-        models.set_active(model, self.frozen + ["trained"])
+        models.load_trainable_weights(model, adapter, self.frozen)
         self.trained = True
         return model, tok
 

@@ -191,8 +191,14 @@ def _resumable(trainer_cls):
 
     class Resumable(trainer_cls):
         def __init__(self, *args, frozen_adapters: list[str], **kwargs):
+            from .concat import concat_of
+
             self._frozen = list(frozen_adapters)
-            super().__init__(*args, **kwargs)
+            with _adapter_stays_float32(kwargs["model"]):
+                super().__init__(*args, **kwargs)
+            if concat_of(self.accelerator.unwrap_model(self.model)) is not None and self.args.weight_decay:
+                # The concatenation's gradient hook keeps Adam from moving the frozen slices; decoupled decay would shrink them.
+                raise ValueError("weight decay would move the concatenated stack's frozen slices; keep weight_decay 0")
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from peft import set_peft_model_state_dict
@@ -208,6 +214,26 @@ def _resumable(trainer_cls):
 
     Resumable.__name__ = f"Resumable{trainer_cls.__name__}"
     return Resumable
+
+
+@contextlib.contextmanager
+def _adapter_stays_float32(model):
+    """Keep TRL's trainers from casting the adapter to bfloat16 while they are built.
+
+    TRL 1.15's SFT and DPO trainers cast every trainable parameter of a 4-bit model to bfloat16 (the QLoRA paper's
+    choice), keyed on `requires_grad`. Here the adapter keeps the dtype PEFT gave it (float32; on a GPU the
+    trainer's autocast computes in half precision): the cast would round a concatenated stack's frozen slices (they share
+    the tensor with the trainable slice), so the stack would change from round to round; it would make the CPU
+    compute the LoRA branch in bfloat16 under a float32 model; and a T4 has no bfloat16.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _quiet(trainer) -> None:

@@ -40,10 +40,11 @@ def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_the_dataset_holds_the_runs_data_in_one_schema(run, exported):
+def test_the_dataset_holds_the_runs_data_in_one_schema(run, exported, tmp_path):
     from datasets import load_dataset
 
-    ds = load_dataset(str(exported))
+    # datasets caches a local folder under its name: a cache left by an earlier session would be read instead
+    ds = load_dataset(str(exported), cache_dir=str(tmp_path / "hf"))
     assert list(ds) == ["train_sft", "train_prefs", "test_round_0", "test_round_1", "test_round_2"]
     assert all(split.features == ds["train_sft"].features for split in ds.values())  # one schema
 
@@ -91,7 +92,7 @@ def test_trl_trains_on_the_splits_as_they_are(exported, tiny_model, tmp_path):
     from lora_cai.training import install_logprob_fallback
 
     install_logprob_fallback()  # TRL's fused log-prob head needs Triton; lora_cai's stand-in runs on a CPU
-    ds = load_dataset(str(exported))
+    ds = load_dataset(str(exported), cache_dir=str(tmp_path / "hf"))
     tok = AutoTokenizer.from_pretrained(tiny_model)
     for name, trainer_cls, config_cls in (("train_sft", SFTTrainer, SFTConfig), ("train_prefs", DPOTrainer, DPOConfig)):
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -114,7 +115,7 @@ def test_repeats_are_kept_once_and_a_stopped_round_is_flagged(run, tmp_path):
     manifest["stack"], manifest["stopped_round"] = ["round-1/adapter"], 2  # as the early stop leaves it
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert export.main([str(copy), "--dataset", str(tmp_path / "out")]) == 0
-    ds = load_dataset(str(tmp_path / "out"))
+    ds = load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))
     sft = lines(run / "round-1" / "sft.jsonl") + lines(run / "round-2" / "sft.jsonl")
     assert len(ds["train_sft"]) == len({(r["prompt"], r["completion"]) for r in sft})  # the repeat is not there
     assert {r["in_final_policy"] for r in ds["train_prefs"] if r["round"] == 2} == {False}

@@ -151,7 +151,7 @@ def test_fold_stack_gives_a_base_that_loads_in_4bit_with_the_rest_of_the_stack(e
     assert json.loads((folded / "lora_cai_export.json").read_text())["kind"] == "fold"
     model, tok, frozen = models.build_policy(ModelConfig(name=str(folded), backend="transformers"),
                                              LoraSettings(r=8, alpha=16), [run / "round-2/adapter"], "transformers", 0)
-    assert frozen == ["round-1"] and models.active_adapters(model) == ["round-1", "default"]
+    assert frozen == [] and models.active_adapters(model) == ["default"]  # round 2 concatenated into the new one
     assert any("Params4bit" in type(p).__name__ for p in model.parameters())
     model.eval()
     got = logits(model, tok)

@@ -43,6 +43,9 @@ def test_gpu_check_tiny_fills_every_field(tmp_path):
             assert kernels["LoRA_QKV"] is None and "not imported" in kernels["note"]
     assert bf16["rounds"]["1"]["stack"]["frozen_equal_their_files"] == {}
     assert bf16["rounds"]["2"]["stack"]["frozen_equal_their_files"] == {"1": True}  # round 1 untouched in round 2
+    assert all(bf16["rounds"][k]["stack"]["one_adapter"] is True for k in ("1", "2"))  # round 1 concatenated in 2
+    ratios = bf16["round2_over_round1_step"]
+    assert set(ratios) == {"sft", "dpo"} and all(v > 0 for v in ratios.values())
 
     shapes = d["shapes"]
     assert shapes["build"]["status"] == "ok" and shapes["model"]["hidden_size"] > 0

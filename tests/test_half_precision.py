@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import run_cli, write_recipe
+from test_training import frozen_slices
 from lora_cai import models, training
 from lora_cai.config import DPOSettings, LoraSettings, ModelConfig, SFTSettings
 
@@ -83,15 +84,15 @@ def test_the_stack_stays_intact_and_the_reference_is_the_starting_policy_in_bflo
     models.for_inference(model2, "transformers")
     start = [(completion_logp(model2, tok, p["prompt"], p["chosen"]), completion_logp(model2, tok, p["prompt"],
                                                                                        p["rejected"])) for p in PAIRS]
-    r1_before = {n: p.detach().clone() for n, p in model2.named_parameters() if ".round-1." in n}
+    r1_before = frozen_slices(model2)  # round 1, concatenated into round 2's adapter
     base_before = {n: p.detach().clone() for n, p in model2.named_parameters() if "lora_" not in n}
     models.for_training(model2, "transformers")
     training.train_sft(model2, tok, SFT, SFTSettings(batch_size=4, learning_rate=2e-2), tmp_path / "s2", seed=0,
                        frozen=frozen2)
     _, ref = training.train_dpo(model2, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-2), tmp_path / "d2",
                                 seed=0, frozen=frozen2)
-    named = dict(model2.named_parameters())
-    assert r1_before and all(torch.equal(named[n], v) for n, v in r1_before.items())  # bit-identical: exact
+    named, r1_after = dict(model2.named_parameters()), frozen_slices(model2)
+    assert r1_before and all(torch.equal(r1_after[n], v) for n, v in r1_before.items())  # bit-identical: exact
     assert all(torch.equal(named[n], v) for n, v in base_before.items())
     diffs = [abs(r["chosen_logp"] - c) for r, (c, _) in zip(ref, start)] + \
             [abs(r["rejected_logp"] - j) for r, (_, j) in zip(ref, start)]

@@ -21,18 +21,21 @@ SETTINGS = ["--set", "rounds=1", "--set", "data.eval_limit=0", "--set", "generat
             "--set", "eval.critic_check=false"]
 
 
-def cli(recipe: Path) -> list[str]:
-    return [sys.executable, "-m", "lora_cai.recipe", str(recipe), *SETTINGS]
+TWO = ["--set", "rounds=2"]
 
 
-def run_to_end(recipe: Path) -> None:
-    proc = subprocess.run(cli(recipe), capture_output=True, text=True, timeout=900)
+def cli(recipe: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lora_cai.recipe", str(recipe), *SETTINGS, *extra]
+
+
+def run_to_end(recipe: Path, *extra: str) -> None:
+    proc = subprocess.run(cli(recipe, *extra), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def kill_when(recipe: Path, ready, timeout: float = 600) -> None:
+def kill_when(recipe: Path, ready, *extra: str, timeout: float = 900) -> None:
     """Start the run, SIGKILL it as soon as `ready()` is true."""
-    proc = subprocess.Popen(cli(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli(recipe, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     try:
         while not ready():
@@ -51,11 +54,11 @@ def committed_batches(meta: Path) -> int:
         return 0
 
 
-def artifacts(run: Path) -> dict[str, object]:
+def artifacts(run: Path, round_dir: str = "round-1") -> dict[str, object]:
     from safetensors.torch import load_file
 
     out: dict[str, object] = {}
-    rd = run / "round-1"
+    rd = run / round_dir
     for name in ("responses.jsonl", "samples.jsonl", "judgments.jsonl", "critique-1.jsonl", "critique-2.jsonl", "trajectories.jsonl", "sft.jsonl",
                  "pairs.jsonl", "ref_logps.jsonl"):
         out[name] = (rd / name).read_text()
@@ -156,25 +159,43 @@ def test_a_full_disk_is_one_line_and_keeps_committed_work(tiny_model, tmp_path):
         subprocess.run(["umount", str(mnt)])
 
 
+@pytest.fixture(scope="module")
+def reference_two(tiny_model, tmp_path_factory) -> Path:
+    """An uninterrupted two-round run: round 2 trains on round 1 concatenated into its adapter (lora_cai.concat)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted-two")
+    run_to_end(write_recipe(tmp / "r.yaml", tiny_model, tmp / "run"), *TWO)
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("point", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
+def test_killed_in_round_two_training_resumes_to_identical_artifacts(point, reference_two, tiny_model, tmp_path):
+    """kill -9 inside round 2's SFT or DPO (checkpoints hold the whole concatenated adapter and its optimizer)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
+    rd = tmp_path / "run" / "round-2"
+    kill_when(recipe, lambda: KILL_POINTS[point](rd), *TWO)
+    assert not (rd / "train.json").exists()
+    run_to_end(recipe, *TWO)
+    want, got = artifacts(reference_two, "round-2"), artifacts(tmp_path / "run", "round-2")
+    for key in want:
+        assert got[key] == want[key], key
+    assert not (rd / "checkpoints").exists()
+
+
 @pytest.mark.slow
-def test_killed_between_rounds_resumes_to_identical_artifacts(tiny_model, tmp_path):
-    two = ["--set", "rounds=2"]
-    ref_recipe = write_recipe(tmp_path / "ref.yaml", tiny_model, tmp_path / "ref")
-    proc = subprocess.run(cli(ref_recipe) + two, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_killed_between_rounds_resumes_to_identical_artifacts(reference_two, tiny_model, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
     manifest = tmp_path / "run" / "manifest.json"
-    proc = subprocess.Popen(cli(recipe) + two, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli(recipe, *TWO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (manifest.exists() and '"1"' in manifest.read_text()):
         assert proc.poll() is None
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "run" / "round-2" / "train.json").exists()
-    proc = subprocess.run(cli(recipe) + two, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cli(recipe, *TWO), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for f in sorted((tmp_path / "ref").rglob("*.jsonl")):
-        rel = f.relative_to(tmp_path / "ref")
+    for f in sorted(reference_two.rglob("*.jsonl")):
+        rel = f.relative_to(reference_two)
         if "log" not in f.name:
             assert (tmp_path / "run" / rel).read_bytes() == f.read_bytes(), rel
 

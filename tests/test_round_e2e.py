@@ -111,7 +111,10 @@ def test_load_policy_applies_the_whole_stack(finished_run, tiny_model):
         r1 = r1_model(input_ids=ids).logits
         base_model, _ = lora_cai.load_policy(run, upto=0)
         base = base_model(input_ids=ids).logits
-    assert sorted(model.peft_config) == ["round-1", "round-2"]
+    from lora_cai.concat import concat_of
+
+    # one adapter: round 1 concatenated in front of round 2 (checked against separate adapters in test_concat.py)
+    assert list(model.peft_config) == ["round-2"] and concat_of(model).frozen_rank == r1_model.peft_config["round-1"].r
     assert not torch.allclose(full, r1) and not torch.allclose(full, base) and not torch.allclose(r1, base)
     # same 4-bit base as a plain from_pretrained load
     from transformers import BitsAndBytesConfig

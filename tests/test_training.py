@@ -22,6 +22,16 @@ def build(tiny_model, stack=()):
     return models.build_policy(cfg, LoraSettings(r=8, alpha=16), list(stack), "transformers", 0)
 
 
+def frozen_slices(model) -> dict[str, torch.Tensor]:
+    """The earlier rounds' part of the policy's adapter (concatenated into `default`; `lora_cai.concat`), copied."""
+    from lora_cai.concat import concat_of
+
+    f = concat_of(model)
+    assert f is not None and f.frozen_rank > 0
+    return {n: (p[:f.frozen_rank] if ".lora_A." in n else p[:, :f.frozen_rank]).detach().clone()
+            for n, p in model.named_parameters() if ".default." in n}
+
+
 def completion_logp(model, tok, prompt: str, completion: str) -> float:
     """Sum of log p(completion | prompt), computed plainly from full logits (no fused head)."""
     p_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -56,7 +66,7 @@ def two_rounds(tiny_model, tmp_path_factory):
         start_logits = model2(input_ids=ids).logits.clone()  # new adapter is zero: exactly round 1's policy
     start_logps = [(completion_logp(model2, tok, p["prompt"], p["chosen"]),
                     completion_logp(model2, tok, p["prompt"], p["rejected"])) for p in PAIRS]
-    r1_before = {n: p.detach().clone() for n, p in model2.named_parameters() if ".round-1." in n}
+    r1_before = frozen_slices(model2)
     base_before = {n: p.detach().clone() for n, p in model2.named_parameters() if "lora_" not in n}
     base_buffers = {n: b.detach().clone() for n, b in model2.named_buffers()}
     models.for_training(model2, "transformers")
@@ -82,8 +92,9 @@ def test_dpo_raises_the_margin(two_rounds):
 def test_round_one_adapter_and_base_are_bit_identical_after_round_two(two_rounds):
     named = dict(two_rounds["model"].named_parameters())
     assert two_rounds["r1_before"] and two_rounds["base_before"]
+    after = frozen_slices(two_rounds["model"])
     for n, before in two_rounds["r1_before"].items():
-        assert torch.equal(named[n], before), n
+        assert torch.equal(after[n], before), n
     for n, before in two_rounds["base_before"].items():
         assert torch.equal(named[n], before), n
     for n, b in two_rounds["model"].named_buffers():
@@ -93,22 +104,26 @@ def test_round_one_adapter_and_base_are_bit_identical_after_round_two(two_rounds
 
 
 def test_the_stack_stays_active_and_only_the_new_adapter_trains(two_rounds):
+    from lora_cai.concat import concat_of
+
     model = two_rounds["model"]
-    assert models.active_adapters(model) == ["round-1", "default"]
-    assert "ref" not in model.peft_config
+    assert models.active_adapters(model) == ["default"] and list(model.peft_config) == ["default"]
+    assert (concat_of(model).frozen_rank, concat_of(model).new_rank) == (8, 8)  # round 1 concatenated in front of round 2
     assert all(p.requires_grad == (".default." in n) for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_removing_adapter_two_reproduces_round_one_exactly(two_rounds):
     model = two_rounds["model"]
     model.eval()
-    with torch.no_grad(), models.starting_policy(model, ["round-1"]):
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    with torch.no_grad(), models.starting_policy(model, []):  # the new slice off
         without = model(input_ids=two_rounds["ids"]).logits
     with torch.no_grad():
         with_both = model(input_ids=two_rounds["ids"]).logits
     assert torch.equal(without, two_rounds["start_logits"])
     assert not torch.allclose(with_both, without)
-    assert models.active_adapters(model) == ["round-1", "default"]
+    assert models.active_adapters(model) == ["default"]
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)  # restored
 
 
 def test_reference_logps_are_the_starting_policy(two_rounds):
@@ -323,9 +338,9 @@ def objective_runs(tiny_model, round_one, tmp_path_factory):
             settings = DPOSettings(**kw)
             r = runs[name] = {"trl": dpo_losses(tiny_model, tmp / f"{name}-trl", PAIRS, stack=[round_one],
                                                 trl_args=training.trl_objective(settings))[0]}
-            frozen = dict(build(tiny_model, [round_one])[0].named_parameters())
+            start = build(tiny_model, [round_one])[0]
             r["ours"], model = dpo_losses(tiny_model, tmp / f"{name}-ours", PAIRS, stack=[round_one], **kw)
-            r["model"], r["start"] = model, frozen
+            r["model"], r["start"], r["start_slices"] = model, dict(start.named_parameters()), frozen_slices(start)
             r["weight@1"] = dpo_losses(tiny_model, tmp / f"{name}-w1", soft_pairs(1.0), stack=[round_one],
                                        soft_labels="weight", **kw)[0]
             r["weight@0.75"] = dpo_losses(tiny_model, tmp / f"{name}-w75", soft_pairs(0.75), stack=[round_one],
@@ -354,9 +369,9 @@ def test_each_objective_is_trls_and_our_formula_matches_it(objective_runs, name)
 def test_each_objective_trains_only_the_new_adapter(objective_runs, name):
     r = objective_runs[name]
     after = dict(r["model"].named_parameters())
-    frozen = [n for n in r["start"] if ".round-1." in n]
+    slices = frozen_slices(r["model"])
     base = [n for n in r["start"] if "lora_" not in n]
-    assert frozen and all(torch.equal(after[n], r["start"][n]) for n in frozen)  # round 1: bit-identical
+    assert slices and all(torch.equal(slices[n], r["start_slices"][n]) for n in slices)  # round 1: bit-identical
     assert all(torch.equal(after[n], r["start"][n]) for n in base)
     assert any(float(after[n].detach().abs().sum()) > 0 for n in after if "lora_B" in n and ".default." in n)
 
@@ -434,7 +449,7 @@ def test_the_untrained_adapter_stays_out_of_inference_and_changes_no_number(two_
         with_new = model.eval()(input_ids=ids).logits
         models.use_starting_policy(model, frozen)
         assert models.active_adapters(model) == (frozen or [models.TRAINABLE])
-        assert all(getattr(m, "disable_adapters", False) != bool(frozen) for m in model.modules()
+        assert all(getattr(m, "disable_adapters", False) != bool(stack) for m in model.modules()
                    if hasattr(m, "lora_A"))  # round 1: the adapter layers are off altogether
         without = model(input_ids=ids).logits
     assert torch.equal(with_new, without)
