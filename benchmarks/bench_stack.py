@@ -15,7 +15,8 @@ the same batch's first row, tokens per CPU second.
 the base's linear layers forward and their input gradient backward (2 x in x out each; the 4-bit weights get no
 gradient), attention scores and values (forward and twice backward), and LoRA of rank R forward, input gradient
 and weight gradient (3 x R x (in + out); the frozen slices' weight gradient is computed, then zeroed by the hook).
-Dequantizing the 4-bit weights is not counted, so F is a floor for the ratio, not a prediction of time.
+Dequantizing the 4-bit weights costs the same in both steps and is not counted: where it is a large part of a step
+(a CPU, small layers), the measured ratio comes out below F.
 
 Each backend runs in its own process (Unsloth must be imported before transformers): `transformers`
 (peft) and, where it imports, `unsloth` (`FastLanguageModel.get_peft_model`; on a CPU, stock PEFT).
