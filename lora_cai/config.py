@@ -215,19 +215,32 @@ class SFTSettings(_TrainSettings):
 # Preference objectives of TRL's DPO family (`DPOConfig.loss_type`): what each needs, for the docs and validation.
 # A soft-label mode is defined where the objective has a natural per-pair label: `weight` (loss x (2p - 1)) for
 # every one, `target` (p as the pair's own label) for sigmoid (conservative DPO) and IPO (target margin x (2p - 1)).
+# Beside them, `kto` (trl.KTOTrainer: unpaired desirable/undesirable answers) and `simpo` (trl.experimental's
+# CPOTrainer, loss_type simpo, no NLL term: no reference model at all).
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge", "apo_zero")
+OTHER_LOSSES = ("kto", "simpo")
 SOFT_TARGET_LOSSES = ("sigmoid", "ipo")
 
 
 class DPOSettings(_TrainSettings):
-    loss: Literal["sigmoid", "ipo", "robust", "hinge", "apo_zero"] = Field(
-        "sigmoid", description="Preference objective (TRL's DPO loss family): `sigmoid` (DPO), `ipo` (IPO: a squared "
-                               "loss towards a finite margin, for near-deterministic labels; length-normalised as "
-                               "TRL computes it), `robust` (robust DPO: unbiased under a known rate of flipped "
-                               "labels, dpo.flip_rate), `hinge` (SLiC: a hinge on the reward margin), `apo_zero` "
-                               "(anchored: pushes chosen up and rejected down, for winners better than the policy).")
+    loss: Literal["sigmoid", "ipo", "robust", "hinge", "apo_zero", "kto", "simpo"] = Field(
+        "sigmoid", description="Preference objective of the round's second training stage (TRL's DPO loss family "
+                               "and beyond): `sigmoid` (DPO), `ipo` (IPO: a squared loss towards a finite margin, "
+                               "for near-deterministic labels; length-normalised as TRL computes it), `robust` "
+                               "(robust DPO: unbiased under a known rate of flipped labels, dpo.flip_rate), `hinge` "
+                               "(SLiC: a hinge on the reward margin), `apo_zero` (anchored: pushes chosen up and "
+                               "rejected down, for winners better than the policy), `kto` (KTO: each pair's winner "
+                               "as a desirable answer and its loser as an undesirable one, unpaired; weights from "
+                               "their counts), `simpo` (SimPO: length-normalised log-probs, a target margin, no "
+                               "reference model: dpo.simpo_beta, dpo.simpo_gamma).")
     beta: float = Field(0.1, gt=0, description="DPO beta (strength of the pull towards the reference): the "
-                                               "implicit reward's scale for sigmoid, robust, hinge and apo_zero.")
+                                               "implicit reward's scale for sigmoid, robust, hinge, apo_zero and "
+                                               "kto.")
+    simpo_beta: float = Field(2.0, gt=0, description="SimPO's beta (dpo.loss: simpo): the scale of its reward, "
+                                                     "the average log-prob per completion token (no reference); "
+                                                     "the SimPO paper used 2.0 to 2.5.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin gamma (dpo.loss: simpo): the "
+                                                      "winner's reward must beat the loser's by this much.")
     ipo_tau: float = Field(0.1, gt=0, description="IPO's tau (dpo.loss: ipo): the regulariser; the loss pulls each "
                                                   "pair's length-normalised log-ratio margin towards 1 / (2 tau).")
     flip_rate: float = Field(0.1, ge=0, lt=0.5, description="Robust DPO's assumed share of pairs whose label is "
@@ -247,6 +260,12 @@ class DPOSettings(_TrainSettings):
         if self.loss == "robust" and self.flip_rate == 0:
             raise ValueError("dpo.loss robust with dpo.flip_rate 0 is plain DPO: set dpo.flip_rate (e.g. 0.1, the share "
                              "of labels you expect to be wrong) or dpo.loss: sigmoid")
+        if self.soft_labels != "off" and self.loss in OTHER_LOSSES:
+            raise ValueError(f"dpo.soft_labels {self.soft_labels} is not implemented for dpo.loss {self.loss} (it is "
+                             f"for {', '.join(DPO_LOSSES)}): set dpo.soft_labels off")
+        if self.loss == "kto" and self.batch_size < 2:
+            raise ValueError("dpo.loss kto needs dpo.batch_size 2 or more: its KL estimate pairs each prompt with "
+                             "another example's answer from the same batch")
         if self.soft_labels == "target" and self.loss not in SOFT_TARGET_LOSSES:
             raise ValueError(f"dpo.soft_labels target has no per-pair meaning for dpo.loss {self.loss} (it has for "
                              f"{' and '.join(SOFT_TARGET_LOSSES)}): use dpo.soft_labels weight or off")

@@ -212,14 +212,17 @@ def _layer_activation_elems(shape: ModelShape, lora_r: int, target_modules) -> i
 def estimate_training(shape: ModelShape, *, batch: int, seq_len: int, lora_r: int, target_modules,
                       load_in_4bit: bool = True, dtype_bytes: int = 2, gradient_checkpointing: bool = True,
                       dpo: bool = False, grad_accum: int = 1, lora_bytes: int = 4,
-                      device: str = "cuda") -> StageEstimate:
-    """Peak memory of one LoRA training step (SFT, or DPO with `dpo=True`) on `batch` examples of `seq_len`.
+                      device: str = "cuda", objective: str = "sigmoid") -> StageEstimate:
+    """Peak memory of one LoRA training step (SFT, or the preference stage with `dpo=True`, whose `objective` is
+    dpo.loss) on `batch` examples of `seq_len`.
 
-    DPO runs chosen and rejected in one forward, so 2 * batch sequences; its reference log-probs are
-    precomputed under the starting policy (lora_cai.training), so no reference model, adapter copy or
-    reference forward is held during the step.
+    DPO's family and SimPO run chosen and rejected in one forward, so 2 * batch sequences; DPO's and KTO's
+    reference log-probs are precomputed under the starting policy (lora_cai.training), so no reference model,
+    adapter copy or reference forward is held during the step. KTO trains on batch single answers; its KL
+    estimate's forward runs without gradients (one layer's activations at a time). SimPO goes through
+    trl.experimental's CPOTrainer, which builds the full [tokens, vocab] logits (no fused head).
     """
-    seqs = batch * (2 if dpo else 1)
+    seqs = batch * (2 if dpo and objective != "kto" else 1)
     tokens = seqs * seq_len
     weights = _weights_bytes(shape, load_in_4bit, dtype_bytes)
     n_lora = lora_params(shape, lora_r, target_modules)
@@ -242,7 +245,9 @@ def estimate_training(shape: ModelShape, *, batch: int, seq_len: int, lora_r: in
     # only per-token statistics; the hidden-state gradient is fp32 (tokens * h * 4). On CPU lora_cai's
     # PyTorch stand-in (training._TorchChunkedLogProb) chunks the forward but autograd keeps every chunk, so
     # ~3 fp32 copies of [tokens, V] (the logits, their scaled copy, and the softmax for the entropy metric).
-    if device == "cuda":
+    if dpo and objective == "simpo":  # logits in the compute dtype, their log-softmax in fp32 and its gradient
+        acts += tokens * shape.vocab * (dtype_bytes + 8)
+    elif device == "cuda":
         acts += min(tokens, TRL_TOKEN_CHUNK) * min(shape.vocab, TRL_VOCAB_CHUNK) * dtype_bytes + tokens * shape.hidden * 4
     else:
         acts += 3 * tokens * shape.vocab * 4
@@ -266,11 +271,12 @@ def _powers_of_two_down(n: int) -> list[int]:
 def plan(shape: ModelShape, *, vram_gb: float, seq_len: int, lora_r: int, target_modules, want_batch: int,
          gen_batch: int | None = None, gen_seq_len: int | None = None, dpo_want_batch: int | None = None,
          load_in_4bit: bool = True, dtype_bytes: int = 2, gradient_checkpointing: bool = True,
-         device: str = "cuda", stages=("generation", "sft", "dpo")) -> list[StageEstimate]:
+         device: str = "cuda", stages=("generation", "sft", "dpo"), objective: str = "sigmoid") -> list[StageEstimate]:
     """Per stage, the largest power-of-2 batch <= the wanted batch whose estimate fits `vram_gb`.
 
     Training stages keep the wanted effective batch through gradient accumulation (want // batch).
-    Raises a one-line UserError when even batch 1 does not fit.
+    Raises a one-line UserError when even the smallest batch does not fit: 1, or 2 for KTO's preference stage
+    (its KL estimate pairs answers within a batch).
     """
     out = []
     for stage in stages:
@@ -287,22 +293,26 @@ def plan(shape: ModelShape, *, vram_gb: float, seq_len: int, lora_r: int, target
                 return estimate_training(shape, batch=b, seq_len=seq_len, lora_r=lora_r,
                                          target_modules=target_modules, load_in_4bit=load_in_4bit,
                                          dtype_bytes=dtype_bytes, gradient_checkpointing=gradient_checkpointing,
-                                         dpo=_stage == "dpo", grad_accum=max(1, _want // b), device=device)
+                                         dpo=_stage == "dpo", grad_accum=max(1, _want // b), device=device,
+                                         objective=objective)
+        least = 2 if stage == "dpo" and objective == "kto" else 1
         chosen = None
         for b in _powers_of_two_down(want):
+            if b < least:
+                break
             e = est(b)
             if e.total_gb <= vram_gb:
                 chosen = e
                 break
         if chosen is None:
-            e = est(1)
+            e = est(least)
             hints = []
             if not load_in_4bit:
                 hints.append("model.load_in_4bit: true")
             hints.append(f"a shorter max length than {e.seq_len}")
             if stage != "generation":
                 hints.append(f"a smaller lora.r than {lora_r}" if lora_r > 8 else "fewer lora.target_modules")
-            raise UserError(f"{stage} does not fit in {vram_gb:g} GB even at batch 1 (estimated {e.total_gb:.1f} GB: "
+            raise UserError(f"{stage} does not fit in {vram_gb:g} GB even at batch {least} (estimated {e.total_gb:.1f} GB: "
                             f"weights {e.weights_gb:.1f}, activations {e.activations_gb:.1f}, KV cache "
                             f"{e.kv_cache_gb:.1f}); try {', '.join(hints)}, or a smaller model")
         out.append(chosen)
@@ -322,7 +332,7 @@ def plan_recipe(cfg, vram_gb: float, model_config: dict | None = None, device: s
     sft = plan(shape, seq_len=cfg.sft.max_length, want_batch=cfg.sft.batch_size * cfg.sft.grad_accum,
                stages=("sft",), **common)
     dpo = plan(shape, seq_len=cfg.dpo.max_length, want_batch=cfg.dpo.batch_size * cfg.dpo.grad_accum,
-               stages=("dpo",), **common)
+               stages=("dpo",), objective=cfg.dpo.loss, **common)
     return gen + sft + dpo
 
 

@@ -20,7 +20,8 @@ learning rate depend on which pairs share a batch).
 
 The other objectives of TRL's DPO family (`dpo.loss`: ipo, robust, hinge, apo_zero; `preference_losses`) take
 `weight` the same way, and IPO takes `target` as its target margin scaled by 2p - 1; with soft labels off every
-objective is TRL's own code.
+objective is TRL's own code. Beside them (`train_preferences` picks): KTO through `trl.KTOTrainer`, whose reference
+is the starting policy as DPO's is, and SimPO through trl.experimental's `CPOTrainer`, which has no reference.
 """
 
 from __future__ import annotations
@@ -328,6 +329,8 @@ def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *,
 
 
 SOFT_LABELS = ("off", "weight", "target")
+OBJECTIVE_NAMES = {"sigmoid": "DPO", "ipo": "IPO", "robust": "robust DPO", "hinge": "SLiC", "apo_zero": "APO",
+                   "kto": "KTO", "simpo": "SimPO"}
 
 
 def trl_objective(settings) -> dict:
@@ -516,21 +519,7 @@ def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
         if soft != "off":
             row["p_chosen"] = _pair_probability(p)
         rows.append(row)
-    ds = Dataset.from_list(rows)
-    world = world_size()
-    if world > 1:
-        # TRL caches the reference log-probs in a file beside the dataset's own, which for an in-memory dataset
-        # is a per-process temp dir: the other processes then cannot open the main one's file. On disk it is shared.
-        import shutil
-
-        from datasets import load_from_disk
-
-        data_dir = Path(out_dir) / "data"
-        if rank() == 0:
-            shutil.rmtree(data_dir, ignore_errors=True)
-            ds.save_to_disk(str(data_dir))
-        barrier(world)
-        ds = load_from_disk(str(data_dir))
+    ds = _shared_dataset(Dataset.from_list(rows), out_dir)
     loss = getattr(settings, "loss", "sigmoid")
     args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), **trl_objective(settings),
                      precompute_ref_log_probs=True, dataset_num_proc=None)
@@ -546,6 +535,146 @@ def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
         trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
     _check_stack(model, frozen, "after DPO")
     return [dict(h) for h in trainer.state.log_history], ref
+
+
+def _shared_dataset(ds, out_dir: Path):
+    """`ds` itself, or under several processes a copy on disk all of them open.
+
+    TRL caches the reference log-probs in a file beside the dataset's own, which for an in-memory dataset is a
+    per-process temp dir: the other processes then cannot open the main one's file. On disk it is shared."""
+    world = world_size()
+    if world == 1:
+        return ds
+    import shutil
+
+    from datasets import load_from_disk
+
+    data_dir = Path(out_dir) / "data"
+    if rank() == 0:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        ds.save_to_disk(str(data_dir))
+    barrier(world)
+    return load_from_disk(str(data_dir))
+
+
+def train_preferences(model, tokenizer, pairs: list[dict], settings, out_dir: Path, **kw) -> tuple[list[dict], list[dict]]:
+    """The round's preference stage for `dpo.loss`: DPO's family, KTO or SimPO. Returns (log history, reference
+    log-probs: one record per pair, or per KTO example; none for SimPO, which has no reference)."""
+    loss = getattr(settings, "loss", "sigmoid")
+    if loss == "kto":
+        return train_kto(model, tokenizer, pairs, settings, out_dir, **kw)
+    if loss == "simpo":
+        return train_simpo(model, tokenizer, pairs, settings, out_dir, **kw), []
+    return train_dpo(model, tokenizer, pairs, settings, out_dir, **kw)
+
+
+def kto_examples(pairs: list[dict]) -> list[dict]:
+    """Each pair's winner as a desirable answer and its loser as an undesirable one (KTO needs no pairing); an
+    answer met twice with the same label is kept once."""
+    seen, out = set(), []
+    for p in pairs:
+        for completion, label in ((p["chosen"], True), (p["rejected"], False)):
+            if (p["prompt"], completion, label) in seen:
+                continue
+            seen.add((p["prompt"], completion, label))
+            out.append({"id": p.get("id"), "prompt": p["prompt"], "completion": completion, "label": label})
+    return out
+
+
+def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """(desirable_weight, undesirable_weight) from the counts, as the KTO paper and TRL advise: the weighted
+    desirable mass over the undesirable one kept within [1, 4/3] (undesirable weight 1)."""
+    if not n_desirable or not n_undesirable:
+        return 1.0, 1.0
+    ratio = min(max(n_desirable / n_undesirable, 1.0), 4 / 3)
+    return ratio * n_undesirable / n_desirable, 1.0
+
+
+def _stack_kto_trainer_class():
+    from trl import KTOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+
+    class StackKTOTrainer(_resumable(KTOTrainer)):
+        """TRL's KTOTrainer, made correct for a stack as StackDPOTrainer is: TRL adds a `ref` copy of `default`;
+        here the reference (its KL term's too) is computed under the round's starting policy and the copy removed."""
+
+        def __init__(self, *args, frozen_adapters: list[str], **kwargs):
+            super().__init__(*args, frozen_adapters=frozen_adapters, **kwargs)
+            peft_model = self.accelerator.unwrap_model(self.model)
+            if "ref" in peft_model.peft_config:
+                peft_model.delete_adapter("ref")
+            set_active(peft_model, self._frozen + [TRAINABLE], trainable=TRAINABLE)
+
+        def compute_ref_log_probs(self, model, inputs):
+            import torch
+
+            peft_model = self.accelerator.unwrap_model(self.model)
+            with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                  starting_policy(peft_model, self._frozen), self.accelerator.autocast()):
+                def logps(ids, mask, completion_mask):
+                    labels = ids.masked_fill(completion_mask == 0, -100)
+                    per_token = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+                    return per_token[:, -(ids.size(1) - 1):].sum(-1)
+
+                completion = logps(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+                kl = (logps(inputs["KL_input_ids"], inputs["KL_attention_mask"], inputs["KL_completion_mask"])
+                      if self.calculate_KL else None)
+            return completion, kl
+
+    return StackKTOTrainer
+
+
+def train_kto(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
+              report_to: Sequence[str] = (), logging_dir: Path | None = None, console=None,
+              desc: str = "KTO") -> tuple[list[dict], list[dict]]:
+    """KTO of the `default` adapter on the pairs' answers, unpaired (`kto_examples`), reference = starting policy."""
+    from datasets import Dataset
+    from trl import KTOConfig
+
+    install_logprob_fallback()
+    examples = kto_examples(pairs)
+    n_good = sum(e["label"] for e in examples)
+    good_w, bad_w = kto_weights(n_good, len(examples) - n_good)
+    ds = _shared_dataset(Dataset.from_list([
+        {"prompt": [{"role": "user", "content": e["prompt"]}],
+         "completion": [{"role": "assistant", "content": e["completion"]}], "label": e["label"]} for e in examples]),
+        out_dir)
+    args = KTOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.beta,
+                     desirable_weight=good_w, undesirable_weight=bad_w, precompute_ref_log_probs=True,
+                     dataset_num_proc=None)
+    with _logging_dir(args.report_to, logging_dir):
+        trainer = _stack_kto_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                                             frozen_adapters=frozen, callbacks=[_progress_callback(console, desc)])
+        _quiet(trainer)
+        _check_stack(model, frozen, "KTO")
+        ref = [{"id": e["id"], "label": e["label"], "logp": float(r)}
+               for e, r in zip(examples, trainer.train_dataset["ref_logps"])]
+        trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
+    _check_stack(model, frozen, "after KTO")
+    return [dict(h) for h in trainer.state.log_history], ref
+
+
+def train_simpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
+                report_to: Sequence[str] = (), logging_dir: Path | None = None, console=None,
+                desc: str = "SimPO") -> list[dict]:
+    """SimPO of the `default` adapter on the pairs: trl.experimental's CPOTrainer with loss_type simpo and no NLL term
+    (cpo_alpha 0; otherwise it is CPO-SimPO). Reference-free: no reference pass at all."""
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    args = CPOConfig(**_common_args(settings, out_dir, seed, model, report_to), loss_type="simpo", cpo_alpha=0.0,
+                     beta=settings.simpo_beta, simpo_gamma=settings.simpo_gamma, dataset_num_proc=None)
+    with _logging_dir(args.report_to, logging_dir):
+        trainer = _resumable(CPOTrainer)(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                                         frozen_adapters=frozen, callbacks=[_progress_callback(console, desc)])
+        _quiet(trainer)
+        _check_stack(model, frozen, "SimPO")
+        trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
+    _check_stack(model, frozen, "after SimPO")
+    return [dict(h) for h in trainer.state.log_history]
 
 
 def write_log(path: Path, history: list[dict]) -> None:
@@ -652,8 +781,9 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
                 barrier(world)
             dpo_log, ref = [], []
             if pairs:
-                dpo_log, ref = train_dpo(model, tokenizer, pairs, dpo_cfg, ckpt / "dpo", seed=cfg.seed + k,
-                                         frozen=frozen, console=ctx.console, desc=f"round {k} DPO", **log_kw)
+                dpo_log, ref = train_preferences(model, tokenizer, pairs, dpo_cfg, ckpt / "dpo", seed=cfg.seed + k,
+                                                 frozen=frozen, console=ctx.console,
+                                                 desc=f"round {k} {OBJECTIVE_NAMES[cfg.dpo.loss]}", **log_kw)
         if main:
             write_jsonl_atomic(rd / "ref_logps.jsonl", ref)
             write_log(rd / "sft_log.jsonl", sft_log)

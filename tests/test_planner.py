@@ -183,3 +183,25 @@ def test_dry_run_prints_the_plan_without_loading_a_model(tmp_path, capsys):
     assert "memory plan for a 16 GB GPU" in out
     assert [line.split()[0] for line in out.splitlines() if line.split()[:1] in (["generation"], ["sft"], ["dpo"])] \
         == ["generation", "sft", "dpo"]
+
+
+def test_each_objective_has_its_own_peak_and_kto_keeps_a_batch_of_two():
+    """KTO trains on single answers (half DPO's sequences); SimPO's CPOTrainer holds the full logits, which DPO's
+    fused head never builds; KTO's batch is never cut below 2 (its KL estimate pairs answers within a batch)."""
+    s = model_shape(KNOWN["llama-3.1-8b"])
+    kw = dict(batch=2, seq_len=1024, lora_r=16, target_modules=ALL, dpo=True)
+    dpo, kto, simpo = (estimate_training(s, objective=o, **kw) for o in ("sigmoid", "kto", "simpo"))
+    assert kto.activations_gb < 0.6 * dpo.activations_gb
+    # full logits: 2 x 2 x 1024 tokens x 128256 x (2 + 8) bytes, about 4.9 GiB more than the fused head's tiles
+    assert simpo.activations_gb - dpo.activations_gb > 4.5
+    kto2 = estimate_training(s, batch=2, seq_len=1024, lora_r=16, target_modules=ALL, dpo=True, objective="kto",
+                             grad_accum=4)
+    kto1 = estimate_training(s, batch=1, seq_len=1024, lora_r=16, target_modules=ALL, dpo=True, objective="kto",
+                             grad_accum=8)
+    assert kto1.total_gb < kto2.total_gb - 0.1
+    with pytest.raises(UserError, match="even at batch 2"):  # batch 1 would fit, and is never chosen
+        plan(s, vram_gb=(kto1.total_gb + kto2.total_gb) / 2, seq_len=1024, lora_r=16, target_modules=ALL,
+             want_batch=8, stages=("dpo",), objective="kto")
+    fits = plan(s, vram_gb=kto2.total_gb + 0.01, seq_len=1024, lora_r=16, target_modules=ALL, want_batch=8,
+                stages=("dpo",), objective="kto")
+    assert (fits[0].batch_size, fits[0].grad_accum) == (2, 4)

@@ -1,0 +1,213 @@
+"""KTO and SimPO beside DPO's family (`dpo.loss`): TRL's formulas recomputed by hand on a fixed batch, the stack
+invariants on a round-3 policy (two earlier rounds concatenated), and the run-level wiring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli, write_recipe
+from lora_cai import models, training
+from lora_cai.config import DPOSettings
+from test_concat import PAIRS, build, earlier  # noqa: F401  (`earlier` is a fixture: two saved random adapters)
+from test_training import frozen_slices
+
+# Pairs with answers of different lengths, so SimPO's length normalisation and KTO's per-answer sums matter.
+MIXED = [{"id": str(i), "prompt": f"Request {i}: help me break into a house.",
+          "chosen": "I cannot help with that." + " Please ask something else." * (i % 3),
+          "rejected": "Sure, here is how to break in: " + "first the window, " * (1 + i % 2)} for i in range(8)]
+
+
+def policy_off_start(tiny_model, stack):
+    """A round's policy whose new slice has learnt something (B random, the same every time): policy != reference."""
+    model, tok, frozen = build(tiny_model, stack)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in sorted(model.named_parameters()):
+            if ".default." in n and "lora_B" in n:
+                p[:, -8:].copy_(torch.randn(p[:, -8:].shape, generator=gen) * 0.05)
+    models.for_training(model, "transformers")
+    return model, tok, frozen
+
+
+def token_logps(model, ids, mask, completion_mask):
+    """Per-sequence sum of log p(completion token), from the full logits (no fused head)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logp * completion_mask[:, 1:]).sum(-1)
+
+
+def test_kto_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  # noqa: F811
+    """KTO (arXiv 2402.01306) as TRL 1.15 computes it: z0 = max(0, mean over the batch of log pi/ref on mismatched
+    answers), desirable 1 - sigmoid(beta (r - z0)), undesirable 1 - sigmoid(beta (z0 - r)), weighted, averaged; the
+    reference log-probs are the round's starting policy (the new slice off)."""
+    from datasets import Dataset
+    from trl import KTOConfig
+
+    training.install_logprob_fallback()
+    model, tok, frozen = policy_off_start(tiny_model, earlier)
+    examples = training.kto_examples(MIXED)
+    good, bad = training.kto_weights(8, 8)
+    assert (good, bad) == (1.0, 1.0) and training.kto_weights(12, 4) == (4 / 3 * 4 / 12, 1.0)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": e["prompt"]}],
+                             "completion": [{"role": "assistant", "content": e["completion"]}],
+                             "label": e["label"]} for e in examples])
+    settings = DPOSettings(loss="kto", batch_size=16, beta=0.3)
+    args = KTOConfig(**training._common_args(settings, tmp_path, 0, model), beta=0.3, desirable_weight=0.9,
+                     undesirable_weight=1.1, precompute_ref_log_probs=True, dataset_num_proc=None)
+    trainer = training._stack_kto_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                                  frozen_adapters=frozen)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch["label"]) == 16
+    with torch.no_grad():
+        got = float(trainer.compute_loss(model, batch))
+        pol = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        pol_kl = token_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+        with models.starting_policy(model, frozen):
+            ref = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            ref_kl = token_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+    assert torch.allclose(batch["ref_logps"].float(), ref, rtol=1e-5, atol=1e-4)  # precomputed = starting policy
+    assert torch.allclose(batch["ref_KL_logps"].float(), ref_kl, rtol=1e-5, atol=1e-4)
+    z0 = (pol_kl - ref_kl).mean().clamp(min=0)
+    r = pol - ref
+    labels = torch.as_tensor(batch["label"], dtype=torch.bool)
+    losses = torch.cat([0.9 * (1 - torch.sigmoid(0.3 * (r[labels] - z0))),
+                        1.1 * (1 - torch.sigmoid(0.3 * (z0 - r[~labels])))])
+    assert r.abs().max() > 0.05  # the batch is not at the reference: the formula is really exercised
+    assert got == pytest.approx(float(losses.mean()), abs=1e-5)
+
+
+def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  # noqa: F811
+    """SimPO (arXiv 2405.14734) as trl.experimental's CPOTrainer computes it with loss_type simpo and cpo_alpha 0:
+    -logsigmoid(beta (mean log p(chosen) - mean log p(rejected)) - gamma), means over completion tokens, no NLL."""
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    model, tok, frozen = policy_off_start(tiny_model, earlier)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in MIXED])
+    settings = DPOSettings(loss="simpo", batch_size=8)
+    args = CPOConfig(**training._common_args(settings, tmp_path, 0, model), loss_type="simpo", cpo_alpha=0.0,
+                     beta=2.0, simpo_gamma=0.7, dataset_num_proc=None)
+    trainer = training._resumable(CPOTrainer)(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                              frozen_adapters=frozen)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        got = float(trainer.compute_loss(model, batch))
+
+        def mean_logp(side):
+            ids, labels = batch[f"{side}_input_ids"], batch[f"{side}_labels"]
+            logits = model(input_ids=ids, attention_mask=batch[f"{side}_attention_mask"]).logits.float()
+            mask = labels[:, 1:] != -100
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+            assert (mask.sum(-1) > 0).all()
+            return (logp * mask).sum(-1) / mask.sum(-1)
+
+        chosen, rejected = mean_logp("chosen"), mean_logp("rejected")
+    want = -F.logsigmoid(2.0 * (chosen - rejected) - 0.7).mean()
+    assert got == pytest.approx(float(want), abs=1e-5)
+    assert models.active_adapters(model) == [models.TRAINABLE]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, earlier, tmp_path_factory):  # noqa: F811
+    """Round 3's preference stage through train_preferences, per objective, on the concatenated stack."""
+    out = {}
+    for loss in ("kto", "simpo"):
+        model, tok, frozen = build(tiny_model, earlier)
+        slices, base = frozen_slices(model), {n: p.detach().clone() for n, p in model.named_parameters()
+                                               if "lora_" not in n}
+        models.for_training(model, "transformers")
+        log, ref = training.train_preferences(model, tok, MIXED, DPOSettings(loss=loss, batch_size=4, epochs=2,
+                                                                             learning_rate=5e-3),
+                                              tmp_path_factory.mktemp(loss), seed=0, frozen=frozen)
+        out[loss] = dict(model=model, slices=slices, base=base, log=log, ref=ref, frozen=frozen)
+    return out
+
+
+@pytest.mark.parametrize("loss", ["kto", "simpo"])
+def test_each_objective_trains_only_the_new_slice(trained, loss):
+    r = trained[loss]
+    model = r["model"]
+    after = frozen_slices(model)
+    assert all(torch.equal(after[n], v) for n, v in r["slices"].items())  # earlier rounds: bit-identical
+    named = dict(model.named_parameters())
+    assert all(torch.equal(named[n], v) for n, v in r["base"].items())
+    assert any(float(p[:, -8:].abs().sum()) > 0 for n, p in named.items() if ".default." in n and "lora_B" in n)
+    assert models.active_adapters(model) == [models.TRAINABLE] and list(model.peft_config) == [models.TRAINABLE]
+    losses = [h["loss"] for h in r["log"] if "loss" in h]
+    assert len(losses) >= 4 and losses[-1] < losses[0]  # it learns
+
+
+def test_kto_reference_records_and_simpo_has_none(trained):
+    kto = trained["kto"]["ref"]
+    assert len(kto) == 16 and sum(r["label"] for r in kto) == 8 and all(r["logp"] < 0 for r in kto)
+    assert trained["simpo"]["ref"] == []
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(loss="kto", batch_size=1), "needs dpo.batch_size 2 or more"),
+    (dict(loss="simpo", soft_labels="weight"), "not implemented for dpo.loss simpo"),
+    (dict(loss="kto", soft_labels="target"), "not implemented for dpo.loss kto"),
+])
+def test_objective_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DPOSettings(**settings)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["kto", "simpo"])
+def test_a_run_with_the_objective_resumes_after_kill_to_the_same_adapter(loss, tiny_model, tmp_path):
+    """kill -9 inside the objective's training (checkpoints every 2 steps), rerun: the same adapter and logs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    sets = ["--set", f"dpo.loss={loss}", "--set", "rounds=1", "--set", "data.eval_limit=0", "--set",
+            "dpo.batch_size=2", "--set", "dpo.save_steps=2", "--set", "pairs.builder=mix", "--set",
+            "pairs.n_samples=3", "--set", "eval.critic_check=false", "--set", "dpo.epochs=2"]
+
+    def cli(recipe):
+        return [sys.executable, "-m", "lora_cai.recipe", str(recipe), *sets]
+
+    ref_recipe = write_recipe(tmp_path / "ref.yaml", tiny_model, tmp_path / "ref")
+    proc = subprocess.run(cli(ref_recipe), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
+    rd = tmp_path / "run" / "round-1"
+    proc = subprocess.Popen(cli(recipe), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not any((rd / "checkpoints" / "dpo").glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, "the run ended before the kill point"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (rd / "train.json").exists()
+    proc = subprocess.run(cli(recipe), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = load_file(str(tmp_path / "ref" / "round-1" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(rd / "adapter" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    logs = [json.loads(line) for line in (rd / "dpo_log.jsonl").read_text().splitlines()]
+    ref_logs = [json.loads(line) for line in (tmp_path / "ref" / "round-1" / "dpo_log.jsonl").read_text().splitlines()]
+    assert [h["loss"] for h in logs if "loss" in h] == [h["loss"] for h in ref_logs if "loss" in h]
+    assert (rd / "ref_logps.jsonl").read_text() == (tmp_path / "ref" / "round-1" / "ref_logps.jsonl").read_text()
+
+
+def test_the_round_names_the_objective(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
+    proc = run_cli(str(recipe), "--set", "dpo.loss=simpo", "--set", "rounds=1", "--set", "data.eval_limit=0",
+                   "--set", "eval.critic_check=false", "--set", "pairs.builder=mix", "--set", "pairs.n_samples=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rd = tmp_path / "run" / "round-1"
+    assert (rd / "ref_logps.jsonl").read_text() == ""  # SimPO has no reference pass
+    assert [json.loads(line) for line in (rd / "dpo_log.jsonl").read_text().splitlines()]
+    assert "SimPO" in proc.stderr + proc.stdout
