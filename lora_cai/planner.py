@@ -212,7 +212,8 @@ def _layer_activation_elems(shape: ModelShape, lora_r: int, target_modules) -> i
 def estimate_training(shape: ModelShape, *, batch: int, seq_len: int, lora_r: int, target_modules,
                       load_in_4bit: bool = True, dtype_bytes: int = 2, gradient_checkpointing: bool = True,
                       dpo: bool = False, grad_accum: int = 1, lora_bytes: int = 4,
-                      device: str = "cuda", objective: str = "sigmoid") -> StageEstimate:
+                      device: str = "cuda", objective: str = "sigmoid", stack_rank: int = 0,
+                      concatenated: bool = True) -> StageEstimate:
     """Peak memory of one LoRA training step (SFT, or the preference stage with `dpo=True`, whose `objective` is
     dpo.loss) on `batch` examples of `seq_len`.
 
@@ -221,19 +222,25 @@ def estimate_training(shape: ModelShape, *, batch: int, seq_len: int, lora_r: in
     adapter copy or reference forward is held during the step. KTO trains on batch single answers; its KL
     estimate's forward runs without gradients (one layer's activations at a time). SimPO goes through
     trl.experimental's CPOTrainer, which builds the full [tokens, vocab] logits (no fused head).
+
+    `stack_rank` is the earlier rounds' LoRA rank in memory (their weights, and their activations in every forward).
+    Concatenated into the new adapter (lora_cai.concat; `concatenated`), those ranks are part of the trainable
+    tensors, so their gradients and Adam state are allocated too (zero, but there): the price of one active
+    adapter, 12 bytes per frozen parameter.
     """
     seqs = batch * (2 if dpo and objective != "kto" else 1)
     tokens = seqs * seq_len
     weights = _weights_bytes(shape, load_in_4bit, dtype_bytes)
     n_lora = lora_params(shape, lora_r, target_modules)
-    # LoRA weights in `lora_bytes` (PEFT keeps adapters in fp32 by default; 2 where TRL casts to bf16).
-    lora = n_lora * lora_bytes
-    # AdamW: exp_avg + exp_avg_sq in fp32 (8 B) + the gradient, fp32 (4 B) per trainable parameter.
-    optim = n_lora * 12
+    n_stack = lora_params(shape, stack_rank, target_modules)
+    # LoRA weights in `lora_bytes` (PEFT keeps adapters in fp32; lora_cai keeps TRL from casting them to bf16).
+    lora = (n_lora + n_stack) * lora_bytes
+    # AdamW: exp_avg + exp_avg_sq in fp32 (8 B) + the gradient, fp32 (4 B) per parameter of a trainable tensor.
+    optim = (n_lora + (n_stack if concatenated else 0)) * 12
     # Activations. Gradient checkpointing keeps each layer's input (layers * h per token) and recomputes one
     # layer at a time in backward; without it every layer's saved tensors stay (layers * per-layer).
     # Backward also holds the incoming and outgoing activation gradients of the current op: ~2 * max(h, i).
-    per_layer = _layer_activation_elems(shape, lora_r, target_modules)
+    per_layer = _layer_activation_elems(shape, lora_r + stack_rank, target_modules)
     if gradient_checkpointing:
         stored = shape.layers * shape.hidden + per_layer
     else:
@@ -271,7 +278,8 @@ def _powers_of_two_down(n: int) -> list[int]:
 def plan(shape: ModelShape, *, vram_gb: float, seq_len: int, lora_r: int, target_modules, want_batch: int,
          gen_batch: int | None = None, gen_seq_len: int | None = None, dpo_want_batch: int | None = None,
          load_in_4bit: bool = True, dtype_bytes: int = 2, gradient_checkpointing: bool = True,
-         device: str = "cuda", stages=("generation", "sft", "dpo"), objective: str = "sigmoid") -> list[StageEstimate]:
+         device: str = "cuda", stages=("generation", "sft", "dpo"), objective: str = "sigmoid", stack_rank: int = 0,
+         concatenated: bool = True) -> list[StageEstimate]:
     """Per stage, the largest power-of-2 batch <= the wanted batch whose estimate fits `vram_gb`.
 
     Training stages keep the wanted effective batch through gradient accumulation (want // batch).
@@ -294,7 +302,7 @@ def plan(shape: ModelShape, *, vram_gb: float, seq_len: int, lora_r: int, target
                                          target_modules=target_modules, load_in_4bit=load_in_4bit,
                                          dtype_bytes=dtype_bytes, gradient_checkpointing=gradient_checkpointing,
                                          dpo=_stage == "dpo", grad_accum=max(1, _want // b), device=device,
-                                         objective=objective)
+                                         objective=objective, stack_rank=stack_rank, concatenated=concatenated)
         least = 2 if stage == "dpo" and objective == "kto" else 1
         chosen = None
         for b in _powers_of_two_down(want):
@@ -320,7 +328,8 @@ def plan(shape: ModelShape, *, vram_gb: float, seq_len: int, lora_r: int, target
 
 
 def plan_recipe(cfg, vram_gb: float, model_config: dict | None = None, device: str = "cuda") -> list[StageEstimate]:
-    """The plan for a RecipeConfig: generation at the generation token budget, SFT and DPO at their lengths."""
+    """The plan for a RecipeConfig: generation at the generation token budget, SFT and DPO at their lengths, training
+    planned for the last round (the most earlier adapters in memory)."""
     shape = model_shape(model_config if model_config is not None else load_model_config(cfg.model.name))
     dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
     common = dict(vram_gb=vram_gb, lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules,
@@ -329,10 +338,11 @@ def plan_recipe(cfg, vram_gb: float, model_config: dict | None = None, device: s
     gen = plan(shape, seq_len=gen_len, want_batch=min(cfg.generation.max_batch_size,
                                                       max(1, cfg.generation.token_budget // gen_len)),
                stages=("generation",), **common)
+    stack = dict(stack_rank=(cfg.rounds - 1) * cfg.lora.r, concatenated=cfg.lora.dropout == 0)
     sft = plan(shape, seq_len=cfg.sft.max_length, want_batch=cfg.sft.batch_size * cfg.sft.grad_accum,
-               stages=("sft",), **common)
+               stages=("sft",), **stack, **common)
     dpo = plan(shape, seq_len=cfg.dpo.max_length, want_batch=cfg.dpo.batch_size * cfg.dpo.grad_accum,
-               stages=("dpo",), objective=cfg.dpo.loss, **common)
+               stages=("dpo",), objective=cfg.dpo.loss, **stack, **common)
     return gen + sft + dpo
 
 

@@ -205,3 +205,15 @@ def test_each_objective_has_its_own_peak_and_kto_keeps_a_batch_of_two():
     fits = plan(s, vram_gb=kto2.total_gb + 0.01, seq_len=1024, lora_r=16, target_modules=ALL, want_batch=8,
                 stages=("dpo",), objective="kto")
     assert (fits[0].batch_size, fits[0].grad_accum) == (2, 4)
+
+
+def test_earlier_rounds_cost_their_weights_and_when_concatenated_their_optimizer_state():
+    s = model_shape(KNOWN["llama-3.1-8b"])
+    kw = dict(batch=2, seq_len=1024, lora_r=16, target_modules=ALL)
+    alone = estimate_training(s, **kw)
+    joined = estimate_training(s, stack_rank=32, **kw)  # two earlier rounds of r=16, one adapter
+    apart = estimate_training(s, stack_rank=32, concatenated=False, **kw)  # LoRA dropout keeps them separate
+    assert joined.lora_gb == apart.lora_gb == pytest.approx(3 * alone.lora_gb, abs=0.002)
+    assert joined.optimizer_gb == pytest.approx(3 * alone.optimizer_gb, abs=0.002)
+    assert apart.optimizer_gb == alone.optimizer_gb
+    assert joined.activations_gb >= alone.activations_gb and joined.total_gb > apart.total_gb > alone.total_gb
