@@ -216,14 +216,15 @@ class SFTSettings(_TrainSettings):
 # A soft-label mode is defined where the objective has a natural per-pair label: `weight` (loss x (2p - 1)) for
 # every one, `target` (p as the pair's own label) for sigmoid (conservative DPO) and IPO (target margin x (2p - 1)).
 # Beside them, `kto` (trl.KTOTrainer: unpaired desirable/undesirable answers) and `simpo` (trl.experimental's
-# CPOTrainer, loss_type simpo, no NLL term: no reference model at all).
+# CPOTrainer, loss_type simpo, no NLL term: no reference model at all) and `orpo` (trl.experimental's ORPOTrainer:
+# SFT and preferences in one stage, no reference).
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge", "apo_zero")
-OTHER_LOSSES = ("kto", "simpo")
+OTHER_LOSSES = ("kto", "simpo", "orpo")
 SOFT_TARGET_LOSSES = ("sigmoid", "ipo")
 
 
 class DPOSettings(_TrainSettings):
-    loss: Literal["sigmoid", "ipo", "robust", "hinge", "apo_zero", "kto", "simpo"] = Field(
+    loss: Literal["sigmoid", "ipo", "robust", "hinge", "apo_zero", "kto", "simpo", "orpo"] = Field(
         "sigmoid", description="Preference objective of the round's second training stage (TRL's DPO loss family "
                                "and beyond): `sigmoid` (DPO), `ipo` (IPO: a squared loss towards a finite margin, "
                                "for near-deterministic labels; length-normalised as TRL computes it), `robust` "
@@ -232,13 +233,18 @@ class DPOSettings(_TrainSettings):
                                "rejected down, for winners better than the policy), `kto` (KTO: each pair's winner "
                                "as a desirable answer and its loser as an undesirable one, unpaired; weights from "
                                "their counts), `simpo` (SimPO: length-normalised log-probs, a target margin, no "
-                               "reference model: dpo.simpo_beta, dpo.simpo_gamma).")
+                               "reference model: dpo.simpo_beta, dpo.simpo_gamma), `orpo` (ORPO: the winner's "
+                               "likelihood plus an odds-ratio term in one stage, no reference: dpo.orpo_lambda; SFT "
+                               "then trains only the records no pair covers, e.g. sft.helpful_data, and is skipped "
+                               "when there are none).")
     beta: float = Field(0.1, gt=0, description="DPO beta (strength of the pull towards the reference): the "
                                                "implicit reward's scale for sigmoid, robust, hinge, apo_zero and "
                                                "kto.")
     simpo_beta: float = Field(2.0, gt=0, description="SimPO's beta (dpo.loss: simpo): the scale of its reward, "
                                                      "the average log-prob per completion token (no reference); "
                                                      "the SimPO paper used 2.0 to 2.5.")
+    orpo_lambda: float = Field(0.1, gt=0, description="ORPO's lambda (dpo.loss: orpo): the weight of the odds-ratio "
+                                                      "term beside the winner's negative log-likelihood.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin gamma (dpo.loss: simpo): the "
                                                       "winner's reward must beat the loser's by this much.")
     ipo_tau: float = Field(0.1, gt=0, description="IPO's tau (dpo.loss: ipo): the regulariser; the loss pulls each "

@@ -135,11 +135,14 @@ STAGES: dict[str, Decl] = {
     "train": Decl(
         settings=(*MODEL, "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "seed", "vram_gb",
                   "sft.learning_rate", "sft.epochs", "sft.batch_size", "sft.grad_accum", "sft.max_length",
-                  If(lambda c: c.dpo.loss != "ipo", "dpo.beta"), "dpo.learning_rate", "dpo.epochs", "dpo.batch_size",
+                  If(lambda c: c.dpo.loss not in ("ipo", "simpo", "orpo"), "dpo.beta"), "dpo.learning_rate",
+                  "dpo.epochs", "dpo.batch_size",
                   "dpo.grad_accum", "dpo.max_length", "dpo.soft_labels",
                   # the objective's own settings only where it reads them (a sigmoid run's hash is what it was)
                   If(lambda c: c.dpo.loss != "sigmoid", "dpo.loss"), If(lambda c: c.dpo.loss == "ipo", "dpo.ipo_tau"),
-                  If(lambda c: c.dpo.loss == "robust", "dpo.flip_rate")),
+                  If(lambda c: c.dpo.loss == "robust", "dpo.flip_rate"),
+                  If(lambda c: c.dpo.loss == "simpo", "dpo.simpo_beta", "dpo.simpo_gamma"),
+                  If(lambda c: c.dpo.loss == "orpo", "dpo.orpo_lambda")),
         data=("helpful",), after=("judge",),
         uses=("model.trust_remote_code", "sft.save_steps", "dpo.save_steps", "report_to", "sft.helpful_fraction")),
     "eval": Decl(

@@ -330,7 +330,7 @@ def train_sft(model, tokenizer, records: list[dict], settings, out_dir: Path, *,
 
 SOFT_LABELS = ("off", "weight", "target")
 OBJECTIVE_NAMES = {"sigmoid": "DPO", "ipo": "IPO", "robust": "robust DPO", "hinge": "SLiC", "apo_zero": "APO",
-                   "kto": "KTO", "simpo": "SimPO"}
+                   "kto": "KTO", "simpo": "SimPO", "orpo": "ORPO"}
 
 
 def trl_objective(settings) -> dict:
@@ -565,7 +565,19 @@ def train_preferences(model, tokenizer, pairs: list[dict], settings, out_dir: Pa
         return train_kto(model, tokenizer, pairs, settings, out_dir, **kw)
     if loss == "simpo":
         return train_simpo(model, tokenizer, pairs, settings, out_dir, **kw), []
+    if loss == "orpo":
+        return train_orpo(model, tokenizer, pairs, settings, out_dir, **kw), []
     return train_dpo(model, tokenizer, pairs, settings, out_dir, **kw)
+
+
+def sft_records(objective: str, records: list[dict], pairs: list[dict]) -> list[dict]:
+    """What the round's SFT trains on: every record, except under ORPO, whose own likelihood term already trains
+    each pair's winner: there SFT keeps the records no pair covers (helpful data, revisions left unpaired), so
+    ORPO does not silently drop what keeps the policy helpful."""
+    if objective != "orpo":
+        return records
+    won = {(p["prompt"], p["chosen"]) for p in pairs}
+    return [r for r in records if (r["prompt"], r["completion"]) not in won]
 
 
 def kto_examples(pairs: list[dict]) -> list[dict]:
@@ -677,6 +689,52 @@ def train_simpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *,
     return [dict(h) for h in trainer.state.log_history]
 
 
+def _orpo_trainer_class():
+    import torch
+    from trl.experimental.orpo import ORPOTrainer
+
+    class CompletionORPOTrainer(_resumable(ORPOTrainer)):
+        """trl.experimental's ORPOTrainer with the winner's NLL on its completion tokens only, as the ORPO paper and
+        SFT have it: TRL 1.15 takes it over prompt and completion, which here would raise the likelihood of the
+        red-team requests themselves."""
+
+        def concatenated_forward(self, model, batch):
+            out = super().concatenated_forward(model, batch)
+            # out[2]: the winners' logits, already cut to predict tokens 1.. (TRL drops the last position)
+            chosen_logits, labels = out[2], batch["chosen_labels"].to(out[2].device)
+            width = chosen_logits.shape[1] + 1  # chosen and rejected are padded alike for the one forward
+            if labels.shape[1] < width:
+                labels = torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=-100)
+            nll = torch.nn.functional.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]),
+                                                    labels[:, 1:width].reshape(-1), ignore_index=-100)
+            return (*out[:4], nll, *out[5:])
+
+    return CompletionORPOTrainer
+
+
+def train_orpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, seed: int, frozen: list[str],
+               report_to: Sequence[str] = (), logging_dir: Path | None = None, console=None,
+               desc: str = "ORPO") -> list[dict]:
+    """ORPO of the `default` adapter on the pairs: -log p(winner) per completion token, minus lambda x
+    logsigmoid(log odds(winner) - log odds(loser)) with length-normalised log-probs. Reference-free."""
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig
+
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    args = ORPOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.orpo_lambda,
+                      dataset_num_proc=None)
+    with _logging_dir(args.report_to, logging_dir):
+        trainer = _orpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                                        frozen_adapters=frozen, callbacks=[_progress_callback(console, desc)])
+        _quiet(trainer)
+        _check_stack(model, frozen, "ORPO")
+        trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
+    _check_stack(model, frozen, "after ORPO")
+    return [dict(h) for h in trainer.state.log_history]
+
+
 def write_log(path: Path, history: list[dict]) -> None:
     from .store import write_jsonl_atomic
 
@@ -724,7 +782,8 @@ def fit_to_gpu(cfg, settings, stage: str, console=None):
 
 
 def train_stage(ctx, inp, *, stop_before: bool = False):
-    """SFT then DPO of round k's new adapter on sft.jsonl and pairs.jsonl; resumes from checkpoints.
+    """SFT then the preference objective (dpo.loss) of round k's new adapter on sft.jsonl and pairs.jsonl (under ORPO,
+    SFT keeps the records no pair covers: `sft_records`); resumes from checkpoints.
 
     Under `accelerate launch -m lora_cai.train` every process trains its shard of each batch and only the main
     one writes; the effective batch of the recipe is kept where grad_accum divides by the number of processes
@@ -734,7 +793,7 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
     import shutil
     import time
 
-    from . import models
+    from . import inputs, models
     from .data import mix_helpful
     from .layout import round_dir
     from .stage import Done, peak_memory
@@ -749,8 +808,12 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
             raise StopBeforeTrain(k)
         done.ran = True
         t0 = time.perf_counter()
-        sft = mix_helpful(read_jsonl(rd / "sft.jsonl"), ctx.data.helpful, cfg.sft.helpful_fraction, cfg.seed + k)
         pairs = read_jsonl(rd / "pairs.jsonl")
+        # dpo.loss is declared with its default left out of the hash (inputs.py: a sigmoid run's hash is what it
+        # was before the key existed), so its read here is covered at every value; read past the recorder.
+        objective = inputs.unwrap(cfg).dpo.loss
+        sft = sft_records(objective, mix_helpful(read_jsonl(rd / "sft.jsonl"), ctx.data.helpful,
+                                                    cfg.sft.helpful_fraction, cfg.seed + k), pairs)
         sft_cfg = per_process(fit_to_gpu(cfg, cfg.sft, "sft", ctx.console), world)
         dpo_cfg = per_process(fit_to_gpu(cfg, cfg.dpo, "dpo", ctx.console), world)
         ckpt = rd / "checkpoints"
@@ -763,11 +826,12 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
         frozen = ctx.models.frozen
         log_kw = {"report_to": list(cfg.report_to), "logging_dir": ctx.run_dir / "logs" / round_dir(k)}
         sft_done = ckpt / "sft-adapter"
-        if cfg.sft.epochs == 0 and not pairs:
-            raise UserError(f"round {k}: sft.epochs is 0 and the round has no preference pairs, so nothing would "
-                            f"train its adapter; set sft.epochs above 0 or make pairs (pairs.builder)")
+        if (cfg.sft.epochs == 0 or not sft) and not pairs:
+            raise UserError(f"round {k}: sft.epochs is 0 (or ORPO left SFT nothing) and the round has no preference "
+                            f"pairs, so nothing would train its adapter; set sft.epochs above 0 or make pairs "
+                            f"(pairs.builder)")
         with peak_memory(done.summary, "train"):
-            if cfg.sft.epochs == 0:  # SFT switched off: the preference objective alone
+            if cfg.sft.epochs == 0 or not sft:  # SFT switched off, or ORPO's likelihood term covers every record
                 sft_log = []
             elif (sft_done / "adapter_model.safetensors").exists():  # SFT finished before a crash: keep it
                 models.load_trainable_weights(model, sft_done, frozen)
@@ -783,7 +847,7 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
             if pairs:
                 dpo_log, ref = train_preferences(model, tokenizer, pairs, dpo_cfg, ckpt / "dpo", seed=cfg.seed + k,
                                                  frozen=frozen, console=ctx.console,
-                                                 desc=f"round {k} {OBJECTIVE_NAMES[cfg.dpo.loss]}", **log_kw)
+                                                 desc=f"round {k} {OBJECTIVE_NAMES[objective]}", **log_kw)
         if main:
             write_jsonl_atomic(rd / "ref_logps.jsonl", ref)
             write_log(rd / "sft_log.jsonl", sft_log)

@@ -74,7 +74,7 @@ def test_a_rule_for_one_label_is_learned_on_that_label(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["sigmoid", "ipo", "robust", "hinge", "apo_zero", "kto", "simpo"])
+@pytest.mark.parametrize("objective", ["sigmoid", "ipo", "robust", "hinge", "apo_zero", "kto", "simpo", "orpo"])
 def test_each_preference_objective_teaches_the_rule_without_sft(objective, tiny_model, tmp_path):
     """The rule-demo task with SFT switched off (sft.epochs 0): the preference objective alone at least halves the
     sampled violation rate within two rounds."""

@@ -1,4 +1,4 @@
-"""KTO and SimPO beside DPO's family (`dpo.loss`): TRL's formulas recomputed by hand on a fixed batch, the stack
+"""KTO, SimPO and ORPO beside DPO's family (`dpo.loss`): TRL's formulas recomputed by hand on a fixed batch, the stack
 invariants on a round-3 policy (two earlier rounds concatenated), and the run-level wiring."""
 
 from __future__ import annotations
@@ -114,11 +114,50 @@ def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  
     assert models.active_adapters(model) == [models.TRAINABLE]
 
 
+def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_path):  # noqa: F811
+    """ORPO (arXiv 2403.07691) as trl.experimental's ORPOTrainer computes its odds-ratio term (length-normalised
+    log-probs, log odds = l - log(1 - e^l)), with the winner's NLL on its completion tokens only (TRL 1.15 also
+    counts the prompt's: lora_cai's subclass does not, or ORPO would train the red-team requests themselves)."""
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig
+
+    model, tok, frozen = policy_off_start(tiny_model, earlier)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in MIXED])
+    settings = DPOSettings(loss="orpo", batch_size=8)
+    args = ORPOConfig(**training._common_args(settings, tmp_path, 0, model), beta=0.3, dataset_num_proc=None)
+    trainer = training._orpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                             frozen_adapters=frozen)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        got = float(trainer.compute_loss(model, batch))
+        stats = {}
+        for side in ("chosen", "rejected"):
+            ids, labels = batch[f"{side}_input_ids"], batch[f"{side}_labels"]
+            logits = model(input_ids=ids, attention_mask=batch[f"{side}_attention_mask"]).logits.float()
+            mask = labels[:, 1:] != -100
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+            assert (mask.sum(-1) < (batch[f"{side}_attention_mask"].sum(-1) - 1)).all()  # the prompt is masked
+            stats[side] = ((logp * mask).sum(-1) / mask.sum(-1), -(logp * mask).sum() / mask.sum())
+    (avg_c, nll_c), (avg_r, _) = stats["chosen"], stats["rejected"]
+    log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+    want = nll_c - 0.3 * F.logsigmoid(log_odds).mean()
+    assert got == pytest.approx(float(want), abs=1e-5)
+
+
+def test_orpo_leaves_sft_the_records_no_pair_covers():
+    records = [{"prompt": "a", "completion": "A"}, {"prompt": "b", "completion": "B"}, {"prompt": "h", "completion": "H"}]
+    pairs = [{"prompt": "a", "chosen": "A", "rejected": "x"}, {"prompt": "b", "chosen": "B2", "rejected": "y"}]
+    assert training.sft_records("sigmoid", records, pairs) == records
+    assert training.sft_records("orpo", records, pairs) == records[1:]  # b's revision was not paired; h is helpful
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model, earlier, tmp_path_factory):  # noqa: F811
     """Round 3's preference stage through train_preferences, per objective, on the concatenated stack."""
     out = {}
-    for loss in ("kto", "simpo"):
+    for loss in ("kto", "simpo", "orpo"):
         model, tok, frozen = build(tiny_model, earlier)
         slices, base = frozen_slices(model), {n: p.detach().clone() for n, p in model.named_parameters()
                                                if "lora_" not in n}
@@ -130,7 +169,7 @@ def trained(tiny_model, earlier, tmp_path_factory):  # noqa: F811
     return out
 
 
-@pytest.mark.parametrize("loss", ["kto", "simpo"])
+@pytest.mark.parametrize("loss", ["kto", "simpo", "orpo"])
 def test_each_objective_trains_only_the_new_slice(trained, loss):
     r = trained[loss]
     model = r["model"]
@@ -147,13 +186,14 @@ def test_each_objective_trains_only_the_new_slice(trained, loss):
 def test_kto_reference_records_and_simpo_has_none(trained):
     kto = trained["kto"]["ref"]
     assert len(kto) == 16 and sum(r["label"] for r in kto) == 8 and all(r["logp"] < 0 for r in kto)
-    assert trained["simpo"]["ref"] == []
+    assert trained["simpo"]["ref"] == trained["orpo"]["ref"] == []
 
 
 @pytest.mark.parametrize("settings, message", [
     (dict(loss="kto", batch_size=1), "needs dpo.batch_size 2 or more"),
     (dict(loss="simpo", soft_labels="weight"), "not implemented for dpo.loss simpo"),
     (dict(loss="kto", soft_labels="target"), "not implemented for dpo.loss kto"),
+    (dict(loss="orpo", soft_labels="weight"), "not implemented for dpo.loss orpo"),
 ])
 def test_objective_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -161,7 +201,7 @@ def test_objective_settings_are_checked(settings, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["kto", "simpo"])
+@pytest.mark.parametrize("loss", ["kto", "simpo", "orpo"])
 def test_a_run_with_the_objective_resumes_after_kill_to_the_same_adapter(loss, tiny_model, tmp_path):
     """kill -9 inside the objective's training (checkpoints every 2 steps), rerun: the same adapter and logs."""
     import os
@@ -200,6 +240,20 @@ def test_a_run_with_the_objective_resumes_after_kill_to_the_same_adapter(loss, t
     ref_logs = [json.loads(line) for line in (tmp_path / "ref" / "round-1" / "dpo_log.jsonl").read_text().splitlines()]
     assert [h["loss"] for h in logs if "loss" in h] == [h["loss"] for h in ref_logs if "loss" in h]
     assert (rd / "ref_logps.jsonl").read_text() == (tmp_path / "ref" / "round-1" / "ref_logps.jsonl").read_text()
+
+
+def test_orpo_is_one_stage_when_every_record_is_a_pairs_winner(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, tmp_path / "run")
+    proc = run_cli(str(recipe), "--set", "dpo.loss=orpo", "--set", "rounds=1", "--set", "data.eval_limit=0",
+                   "--set", "eval.critic_check=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rd = tmp_path / "run" / "round-1"
+    sft = [json.loads(line) for line in (rd / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (rd / "pairs.jsonl").read_text().splitlines()]
+    assert sft and pairs and {(r["prompt"], r["completion"]) for r in sft} <= {(p["prompt"], p["chosen"]) for p in pairs}
+    train = json.loads((rd / "train.json").read_text())
+    assert train["sft"] == {"steps": 0} and train["dpo"]["steps"] > 0  # ORPO alone, its NLL term the SFT
+    assert "ORPO" in proc.stderr + proc.stdout
 
 
 def test_the_round_names_the_objective(tiny_model, tmp_path):

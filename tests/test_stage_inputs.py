@@ -70,6 +70,7 @@ NEW = {
     "sft.helpful_response_column": "a", "sft.helpful_split": "test", "dpo.grad_accum": 2, "dpo.save_steps": 10,
     "dpo.beta": 0.2, "dpo.learning_rate": 1e-5, "dpo.epochs": 2.0, "dpo.batch_size": 4, "dpo.max_length": 512,
     "dpo.soft_labels": "weight", "dpo.loss": "ipo", "dpo.ipo_tau": 0.5, "dpo.flip_rate": 0.2,
+    "dpo.simpo_beta": 2.5, "dpo.simpo_gamma": 1.0, "dpo.orpo_lambda": 0.2,
     "report_to": ["tensorboard"],
 }
 # Keys valid only together with others (schema cross-checks), changed together.
@@ -85,6 +86,9 @@ TOGETHER = {
                                  "pairs.n_samples": 3},
     ("self", "dpo.ipo_tau"): {"dpo.loss": "ipo"},  # an objective's own setting, where that objective reads it
     ("self", "dpo.flip_rate"): {"dpo.loss": "robust"},
+    ("self", "dpo.simpo_beta"): {"dpo.loss": "simpo"},
+    ("self", "dpo.simpo_gamma"): {"dpo.loss": "simpo"},
+    ("self", "dpo.orpo_lambda"): {"dpo.loss": "orpo"},
 }
 
 
