@@ -221,7 +221,8 @@ def estimate_training(shape: ModelShape, *, batch: int, seq_len: int, lora_r: in
     reference log-probs are precomputed under the starting policy (lora_cai.training), so no reference model,
     adapter copy or reference forward is held during the step. KTO trains on batch single answers; its KL
     estimate's forward runs without gradients (one layer's activations at a time). SimPO goes through
-    trl.experimental's CPOTrainer, which builds the full [tokens, vocab] logits (no fused head).
+    trl.experimental's CPOTrainer and ORPO through its ORPOTrainer, which build the full [tokens, vocab] logits (no
+    fused head).
 
     `stack_rank` is the earlier rounds' LoRA rank in memory (their weights, and their activations in every forward).
     Concatenated into the new adapter (lora_cai.concat; `concatenated`), those ranks are part of the trainable
@@ -252,7 +253,7 @@ def estimate_training(shape: ModelShape, *, batch: int, seq_len: int, lora_r: in
     # only per-token statistics; the hidden-state gradient is fp32 (tokens * h * 4). On CPU lora_cai's
     # PyTorch stand-in (training._TorchChunkedLogProb) chunks the forward but autograd keeps every chunk, so
     # ~3 fp32 copies of [tokens, V] (the logits, their scaled copy, and the softmax for the entropy metric).
-    if dpo and objective == "simpo":  # logits in the compute dtype, their log-softmax in fp32 and its gradient
+    if dpo and objective in ("simpo", "orpo"):  # full logits (compute dtype), their log-softmax (fp32), its gradient
         acts += tokens * shape.vocab * (dtype_bytes + 8)
     elif device == "cuda":
         acts += min(tokens, TRL_TOKEN_CHUNK) * min(shape.vocab, TRL_VOCAB_CHUNK) * dtype_bytes + tokens * shape.hidden * 4

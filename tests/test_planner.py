@@ -190,8 +190,8 @@ def test_each_objective_has_its_own_peak_and_kto_keeps_a_batch_of_two():
     fused head never builds; KTO's batch is never cut below 2 (its KL estimate pairs answers within a batch)."""
     s = model_shape(KNOWN["llama-3.1-8b"])
     kw = dict(batch=2, seq_len=1024, lora_r=16, target_modules=ALL, dpo=True)
-    dpo, kto, simpo = (estimate_training(s, objective=o, **kw) for o in ("sigmoid", "kto", "simpo"))
-    assert kto.activations_gb < 0.6 * dpo.activations_gb
+    dpo, kto, simpo, orpo = (estimate_training(s, objective=o, **kw) for o in ("sigmoid", "kto", "simpo", "orpo"))
+    assert kto.activations_gb < 0.6 * dpo.activations_gb and orpo.total_gb == simpo.total_gb
     # full logits: 2 x 2 x 1024 tokens x 128256 x (2 + 8) bytes, about 4.9 GiB more than the fused head's tiles
     assert simpo.activations_gb - dpo.activations_gb > 4.5
     kto2 = estimate_training(s, batch=2, seq_len=1024, lora_r=16, target_modules=ALL, dpo=True, objective="kto",
