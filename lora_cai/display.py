@@ -57,8 +57,11 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
                   + (f", {100 * pc:.0f}% position-consistent" if pc is not None else "") + ")")
     t.add_row("SFT records / pairs", f"{s['sft_records']} / {s['pairs']}")
     t.add_row("SFT loss", span(s["sft"], "loss"))
-    t.add_row("DPO loss", span(s["dpo"], "loss"))
-    t.add_row("DPO reward margin", span(s["dpo"], "rewards/margins"))
+    from .training import OBJECTIVE_NAMES
+
+    name = OBJECTIVE_NAMES.get(s.get("objective", "sigmoid"), "DPO")
+    t.add_row(f"{name} loss", span(s["dpo"], "loss"))
+    t.add_row(f"{name} reward margin", span(s["dpo"], "rewards/margins"))
     if "eval" in s:
         t.add_row("harmful compliance", pct(s["eval"]["harmful_compliance"]))
         t.add_row("over-refusal", pct(s["eval"]["over_refusal"]))

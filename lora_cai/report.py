@@ -49,7 +49,7 @@ STATUSES = ("revise", "no_change", "copied_demonstration", "copied_response", "e
 NA = "n/a"
 PLOTS = {  # file name under report/ -> title
     "sft_loss.png": "SFT loss per step",
-    "dpo.png": "DPO loss, reward margin and reward accuracy per step",
+    "dpo.png": "Preference-stage (dpo.loss) loss, reward margin and reward accuracy per step",
     "eval.png": "Held-out metrics per round (round 0 = base model)",
     "judge_labels.png": "Judge labels: histogram of P(a better) per round",
     "critique_outcomes.png": "Critique outcomes per round",
@@ -57,7 +57,7 @@ PLOTS = {  # file name under report/ -> title
 SOURCES = ("revision", "best_of_n")
 DROP_REASONS = ("garbled", "tie", "low_confidence", "identical")
 SUMMARY_HEADERS = ["round", "status", "prompts", "responses", "critiques", "revisions", "SFT records", "pairs",
-                   "SFT loss (first → last)", "DPO loss (first → last)", "DPO margin (first → last)", "seconds"]
+                   "SFT loss (first → last)", "preference loss (first → last)", "preference margin (first → last)", "seconds"]
 METRIC_HEADERS = ["round", "status", "quality", "harmful compliance", "over-refusal", "violation rate",
                   "response violation rate", "win rate vs previous", "wins / losses / ties / garbled",
                   "capability accuracy", "capability Δ vs base", "detector", "heuristic disagreement"]
@@ -535,7 +535,7 @@ def plot_sft(run: dict, path: Path) -> None:
 
 def plot_dpo(run: dict, path: Path) -> None:
     fig = _figure((13, 4))
-    for i, (metric, title) in enumerate((("loss", "DPO loss"), ("rewards/margins", "reward margin"),
+    for i, (metric, title) in enumerate((("loss", "preference loss"), ("rewards/margins", "reward margin"),
                                          ("rewards/accuracies", "reward accuracy"))):
         ax = fig.add_subplot(1, 3, i + 1)
         _curve_plot(ax, run, "dpo_log", metric, title)

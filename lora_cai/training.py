@@ -853,13 +853,14 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
             write_log(rd / "sft_log.jsonl", sft_log)
             write_log(rd / "dpo_log.jsonl", dpo_log)
             models.save_adapter(model, adapter)
-            atomic_write_json(record, {"inputs": inp.hash, "sft": summarize(sft_log), "dpo": summarize(dpo_log)})
+            atomic_write_json(record, {"inputs": inp.hash, "sft": summarize(sft_log), "dpo": summarize(dpo_log),
+                                       "objective": objective})
         barrier(world)
         done.timing = _training_timing(time.perf_counter() - t0, sft_log, dpo_log)
     summary = read_json(record)
     if main:
         shutil.rmtree(rd / "checkpoints", ignore_errors=True)  # the adapter and train.json are committed
-    done.summary.update(sft=summary["sft"], dpo=summary["dpo"])
+    done.summary.update(sft=summary["sft"], dpo=summary["dpo"], objective=summary.get("objective", "sigmoid"))
     done.outputs = adapter
     return done
 

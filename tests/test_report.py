@@ -353,9 +353,9 @@ def test_summary_table_matches_artifacts(run_dir):
         train = json.loads((rd / "train.json").read_text())
         first, last = _span(row[col["SFT loss (first → last)"]])
         assert _close(first, train["sft"]["first_loss"]) and _close(last, train["sft"]["last_loss"])
-        first, last = _span(row[col["DPO loss (first → last)"]])
+        first, last = _span(row[col["preference loss (first → last)"]])
         assert _close(first, train["dpo"].get("first_loss")) and _close(last, train["dpo"].get("last_loss"))
-        first, last = _span(row[col["DPO margin (first → last)"]])
+        first, last = _span(row[col["preference margin (first → last)"]])
         assert _close(first, train["dpo"].get("first_rewards/margins"))
         assert _close(last, train["dpo"].get("last_rewards/margins"))
         assert _close(_num(row[col["seconds"]]), s["seconds"], tol=0.05)
@@ -366,7 +366,7 @@ def test_summary_table_matches_artifacts(run_dir):
         assert ("★ BEST" in status) == (manifest.get("best_round") == int(k)), status
     # round 2: no pairs -> n/a, not a crash
     r2 = by_round["2"]
-    for header in ("DPO loss (first → last)", "DPO margin (first → last)"):
+    for header in ("preference loss (first → last)", "preference margin (first → last)"):
         assert r2[col[header]] == "n/a", header
 
 
