@@ -120,15 +120,17 @@ def concatenate(model, adapter: str, stack: list[Path], *, trainable: bool) -> C
     if not layers:
         raise RuntimeError(f"no LoRA layer carries adapter {adapter!r}")
     new_rank = None
+    used = [set() for _ in sources]
     for name, layer in layers:
         a_old, b_old = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         s = float(layer.scaling[adapter])
         a_blocks, b_blocks = [], []
-        for (config, tensors, s_i), path in zip(sources, stack):
+        for (_, tensors, s_i), path, seen in zip(sources, stack, used):
             ka, kb = f"{name}.lora_A.weight", f"{name}.lora_B.weight"  # PEFT's saved keys: module name + kind
             if ka not in tensors or kb not in tensors:
                 raise UserError(f"{path}: no weights for {name}; the stack's adapters must target the same modules "
                                 f"(the run directory is damaged: restore it or start a new output_dir)")
+            seen.update((ka, kb))
             a_blocks.append(tensors[ka].float())
             b_blocks.append(tensors[kb].float() * (s_i / s))
         frozen_rank = sum(a.shape[0] for a in a_blocks)
@@ -147,6 +149,10 @@ def concatenate(model, adapter: str, stack: list[Path], *, trainable: bool) -> C
         if trainable:
             _freeze_first(a_new.weight, frozen_rank, dim=0)
             _freeze_first(b_new.weight, frozen_rank, dim=1)
+    for (_, tensors, _), path, seen in zip(sources, stack, used):
+        if set(tensors) - seen:  # weights for modules the grown adapter does not have: they would be dropped
+            raise UserError(f"{path}: targets modules the newest adapter does not ({sorted(set(tensors) - seen)[0]}); "
+                            f"the stack's adapters must target the same modules")
     # The config describes the modules as they now are (TRL copies `default` by its config into a `ref` adapter),
     # with the same scaling s: alpha = s x rank.
     config = model.peft_config[adapter]

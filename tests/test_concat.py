@@ -271,3 +271,13 @@ def test_load_policy_concatenates_the_stack_into_one_adapter(tiny_model, earlier
     with torch.no_grad():
         mine, theirs = model(input_ids=ids).logits, plain(input_ids=ids).logits
     assert (mine - theirs).abs().max() <= 1e-6 * theirs.abs().max()
+
+
+def test_an_earlier_adapter_with_modules_the_newest_lacks_is_refused(tiny_model, earlier):
+    """load_policy grows the newest adapter: an earlier one targeting more modules would lose them silently."""
+    from lora_cai.errors import UserError
+
+    model, _, _ = build(tiny_model, [], lora=LoraSettings(r=4, alpha=4, target_modules=["q_proj"]))
+    with pytest.raises(UserError, match="targets modules the newest adapter does not") as e:
+        concat.concatenate(model, models.TRAINABLE, [earlier[0]], trainable=False)
+    assert "\n" not in str(e.value) and str(earlier[0]) in str(e.value)
