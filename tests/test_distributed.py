@@ -72,9 +72,10 @@ def test_accelerate_launch_trains_a_round_the_recipe_then_stacks(tiny_model, tmp
     assert m["stack"] == ["round-1/adapter"] and "eval" in m["rounds"]["1"]
     assert (run / "round-2" / "pairs.jsonl").exists() and not (run / "round-2" / "adapter").exists()
 
-    proc = _train(str(recipe))  # round 2 plainly, one process, on the stack of round 1
+    proc = _train(str(recipe), launcher=TORCHRUN)  # round 2: round 1 concatenated into the new adapter, under DDP
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "round 2: training on 1 process(es), 1 frozen adapter(s)" in proc.stderr
+    assert "round 2: training on 2 process(es), 1 frozen adapter(s)" in proc.stderr
+    assert min(_lora_b_norms(run / "round-2" / "adapter" / "adapter_model.safetensors")) > 0
     proc = run_cli(str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((run / "manifest.json").read_text())
