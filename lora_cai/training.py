@@ -177,9 +177,27 @@ def _common_args(settings, out_dir: Path, seed: int, model, report_to: str | Seq
 
 
 def _last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint under `out_dir`, or None.
 
-    return get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
+    Transformers' `get_last_checkpoint` takes the highest-numbered folder, complete or not; a kill -9 inside a save
+    leaves one without its adapter, and resuming from it fails. The Trainer writes `trainer_state.json` last, so a
+    folder without it was cut off: it is removed (by the main process) and the one before it is used. The older
+    complete one is still there then, since the Trainer deletes old checkpoints only after a save finished.
+    """
+    import re
+    import shutil
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in out.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        if rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def _resumable(trainer_cls):

@@ -457,3 +457,16 @@ def test_the_untrained_adapter_stays_out_of_inference_and_changes_no_number(two_
     assert models.active_adapters(model) == frozen + [models.TRAINABLE]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(f".{models.TRAINABLE}." in n for n in trainable)
+
+
+def test_a_checkpoint_cut_off_by_a_kill_is_skipped_and_removed(tmp_path):
+    """kill -9 inside a save leaves checkpoint-N without its adapter: resume uses the last complete one."""
+    for step, files in ((2, ("adapter_model.safetensors", "optimizer.pt", "trainer_state.json")),
+                        (4, ("adapter_config.json",)), (10, ())):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        for f in files:
+            (d / f).write_text("x")
+    assert training._last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert training._last_checkpoint(tmp_path / "missing") is None
