@@ -507,6 +507,13 @@ def _stack_dpo_trainer_class():
     return StackDPOTrainer
 
 
+def pair_rows(pairs: list[dict]) -> list[dict]:
+    """Pairs as TRL's conversational preference rows: prompt, chosen and rejected as chat turns."""
+    return [{"prompt": [{"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+
+
 def _pair_probability(pair: dict) -> float:
     p = float(pair.get("p_chosen", 1.0))
     if not 0.5 <= p <= 1.0:  # NaN fails this too
@@ -529,14 +536,10 @@ def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
 
     install_logprob_fallback()
     soft = getattr(settings, "soft_labels", "off")
-    rows = []
-    for p in pairs:
-        row = {"prompt": [{"role": "user", "content": p["prompt"]}],
-               "chosen": [{"role": "assistant", "content": p["chosen"]}],
-               "rejected": [{"role": "assistant", "content": p["rejected"]}]}
-        if soft != "off":
+    rows = pair_rows(pairs)
+    if soft != "off":
+        for row, p in zip(rows, pairs):
             row["p_chosen"] = _pair_probability(p)
-        rows.append(row)
     ds = _shared_dataset(Dataset.from_list(rows), out_dir)
     loss = getattr(settings, "loss", "sigmoid")
     args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), **trl_objective(settings),
@@ -689,21 +692,28 @@ def train_simpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *,
                 desc: str = "SimPO") -> list[dict]:
     """SimPO of the `default` adapter on the pairs: trl.experimental's CPOTrainer with loss_type simpo and no NLL term
     (cpo_alpha 0; otherwise it is CPO-SimPO). Reference-free: no reference pass at all."""
-    from datasets import Dataset
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
-                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
     args = CPOConfig(**_common_args(settings, out_dir, seed, model, report_to), loss_type="simpo", cpo_alpha=0.0,
                      beta=settings.simpo_beta, simpo_gamma=settings.simpo_gamma, dataset_num_proc=None)
+    return _train_reference_free(_resumable(CPOTrainer), "SimPO", model, tokenizer, pairs, args, frozen=frozen,
+                                 logging_dir=logging_dir, console=console, desc=desc)
+
+
+def _train_reference_free(trainer_cls, name: str, model, tokenizer, pairs: list[dict], args, *, frozen: list[str],
+                          logging_dir: Path | None, console, desc: str) -> list[dict]:
+    """Train the `default` adapter on the pairs with a stack-aware trainer that has no reference pass (SimPO, ORPO);
+    returns TRL's log history."""
+    from datasets import Dataset
+
     with _logging_dir(args.report_to, logging_dir):
-        trainer = _resumable(CPOTrainer)(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                                         frozen_adapters=frozen, callbacks=[_progress_callback(console, desc)])
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(pair_rows(pairs)),
+                              processing_class=tokenizer, frozen_adapters=frozen,
+                              callbacks=[_progress_callback(console, desc)])
         _quiet(trainer)
-        _check_stack(model, frozen, "SimPO")
-        trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
-    _check_stack(model, frozen, "after SimPO")
+        _check_stack(model, frozen, name)
+        trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir))
+    _check_stack(model, frozen, f"after {name}")
     return [dict(h) for h in trainer.state.log_history]
 
 
@@ -735,22 +745,12 @@ def train_orpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, 
                desc: str = "ORPO") -> list[dict]:
     """ORPO of the `default` adapter on the pairs: -log p(winner) per completion token, minus lambda x
     logsigmoid(log odds(winner) - log odds(loser)) with length-normalised log-probs. Reference-free."""
-    from datasets import Dataset
     from trl.experimental.orpo import ORPOConfig
 
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
-                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
     args = ORPOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.orpo_lambda,
                       dataset_num_proc=None)
-    with _logging_dir(args.report_to, logging_dir):
-        trainer = _orpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                                        frozen_adapters=frozen, callbacks=[_progress_callback(console, desc)])
-        _quiet(trainer)
-        _check_stack(model, frozen, "ORPO")
-        trainer.train(resume_from_checkpoint=_last_checkpoint(out_dir))
-    _check_stack(model, frozen, "after ORPO")
-    return [dict(h) for h in trainer.state.log_history]
+    return _train_reference_free(_orpo_trainer_class(), "ORPO", model, tokenizer, pairs, args, frozen=frozen,
+                                 logging_dir=logging_dir, console=console, desc=desc)
 
 
 def write_log(path: Path, history: list[dict]) -> None:

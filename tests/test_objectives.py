@@ -88,9 +88,7 @@ def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     model, tok, frozen = policy_off_start(tiny_model, earlier)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
-                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in MIXED])
+    ds = Dataset.from_list(training.pair_rows(MIXED))
     settings = DPOSettings(loss="simpo", batch_size=8)
     args = CPOConfig(**training._common_args(settings, tmp_path, 0, model), loss_type="simpo", cpo_alpha=0.0,
                      beta=2.0, simpo_gamma=0.7, dataset_num_proc=None)
@@ -122,9 +120,7 @@ def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_pat
     from trl.experimental.orpo import ORPOConfig
 
     model, tok, frozen = policy_off_start(tiny_model, earlier)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
-                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in MIXED])
+    ds = Dataset.from_list(training.pair_rows(MIXED))
     settings = DPOSettings(loss="orpo", batch_size=8)
     args = ORPOConfig(**training._common_args(settings, tmp_path, 0, model), beta=0.3, dataset_num_proc=None)
     trainer = training._orpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,

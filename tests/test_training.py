@@ -209,9 +209,7 @@ def dpo_losses(tiny_model, out, pairs, *, trl_args: dict | None = None, stack=()
         from datasets import Dataset
         from trl import DPOConfig
 
-        ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
-                                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+        ds = Dataset.from_list(training.pair_rows(pairs))
         args = DPOConfig(**training._common_args(settings, out, 0, model), **{"beta": settings.beta, **trl_args},
                          precompute_ref_log_probs=True, dataset_num_proc=None)
         trainer = training._stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
