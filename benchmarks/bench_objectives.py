@@ -79,27 +79,6 @@ def worker(args) -> None:
                       "wall": t2 - t0, "peak_mb": peak}))
 
 
-def make_adapter(model_dir: Path, path: Path) -> Path:
-    """A random, non-zero round-1 adapter (r=16) for the model at `model_dir`."""
-    import torch
-    from peft import get_peft_model
-
-    from lora_cai import models
-    from lora_cai.config import LoraSettings, ModelConfig
-
-    if (path / "adapter_model.safetensors").is_file():
-        return path
-    base, _ = models.load_base(ModelConfig(name=str(model_dir), backend="transformers"), "transformers")
-    peft_model = get_peft_model(base, models.lora_config(LoraSettings(r=16, alpha=16)))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    peft_model.save_pretrained(path)
-    return path
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
@@ -121,7 +100,9 @@ def main() -> None:
     root = Path(cache) if cache else Path(tempfile.mkdtemp(prefix="bench-objectives-"))
     model_dir = build_tiny_model(root / f"bench-obj-model-h{args.hidden}-l{args.layers}", hidden_size=args.hidden,
                                  layers=args.layers)
-    adapter = make_adapter(model_dir, root / f"bench-obj-adapter-h{args.hidden}-l{args.layers}")
+    from bench_stack import make_adapters  # a random, non-zero round-1 adapter (r=16), as bench_stack makes them
+
+    adapter = make_adapters(model_dir, root / f"bench-obj-adapters-h{args.hidden}-l{args.layers}-r16", 1, 16)[0]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"random Llama hidden {args.hidden}, {args.layers} layers, 4-bit NF4, LoRA r=16, round 2 (one earlier "
           f"adapter concatenated); 48 SFT records + 48 pairs; {args.reps} alternating runs per objective; "
