@@ -127,6 +127,7 @@ STAGES: dict[str, Decl] = {
     "judge": Decl(
         settings=("pairs.builder", "pairs.judge_revisions", "critique.steps", "judge.confidence",
                   If(_judge("rule"), "data.label_column"),
+                  If(lambda c: c.pairs.sft_accepted, "pairs.sft_accepted"),  # off: runs from before it keep their hash
                   "judge.chain_of_thought", If(lambda c: c.judge.chain_of_thought, "judge.cot_max_new_tokens"),
                   "judge.cross_check_self", *JUDGE, "seed",
                   If(lambda c: c.judge.cross_check_self and c.judge.kind in ("teacher", "api"), *MODEL, *LOCAL_BATCH)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from itertools import combinations
 
+from . import inputs
 from .errors import UserError
 from .stage import Done, Round, peak_memory, timed
 
@@ -14,12 +15,9 @@ def comparisons(ctx: Round, trajectories: list[dict], samples: dict | None) -> t
     from . import critique
     from . import judge as J
 
-    from .rundata import labels_of
-
     cfg, k = ctx.cfg, ctx.k
     constitution = ctx.data.constitution
-    column = cfg.data.label_column if ctx.data.rules is not None else None  # only rules read labels
-    labels = {r["id"]: labels_of(r, column) for r in ctx.data.prompts.records}
+    labels = _labels(ctx)
     revision = critique.revision_pairs(trajectories) if cfg.pairs.builder in ("revision", "mix") else []
     comps: list[J.Comparison] = []
     principles = {p.name: p for p in constitution.principles}
@@ -34,6 +32,26 @@ def comparisons(ctx: Round, trajectories: list[dict], samples: dict | None) -> t
                   for a, b in combinations(texts, 2)]
         s["responses"] = texts
     return revision, comps
+
+
+def _labels(ctx: Round) -> dict[str, dict | None]:
+    """Prompt id -> its labels, for a rule judge (only rules read labels)."""
+    from .rundata import labels_of
+
+    column = ctx.cfg.data.label_column if ctx.data.rules is not None else None
+    return {r["id"]: labels_of(r, column) for r in ctx.data.prompts.records}
+
+
+def accepted_records(samples: dict[str, dict], paired: set[str], rules, labels: dict) -> list[dict]:
+    """SFT records for the prompts that made no pair because every sample satisfies the rules: the first sample
+    (the policy's plain answer). Prompts whose samples all violate them stay out."""
+    out = []
+    for pid, s in samples.items():
+        texts = s["responses"]
+        if pid in paired or not texts or any(rules.violations(t, labels.get(pid)) for t in texts):
+            continue
+        out.append({"id": pid, "prompt": s["prompt"], "completion": texts[0], "source": "accepted"})
+    return out
 
 
 def judge_stage(ctx: Round, inp, trajectories: list[dict], samples: dict | None) -> Done:
@@ -69,6 +87,8 @@ def judge_stage(ctx: Round, inp, trajectories: list[dict], samples: dict | None)
             sft = sft_records(trajectories)
         else:  # RLAIF only: fine-tune on the judged winners
             sft = [{"id": p["id"], "prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
+            if inputs.unwrap(cfg).pairs.sft_accepted:  # declared only when on (inputs.STAGES["judge"])
+                sft += accepted_records(samples or {}, {p["id"] for p in pairs}, ctx.data.rules, _labels(ctx))
         write_jsonl_atomic(ctx.dir / "sft.jsonl", sft)
         write_jsonl_atomic(ctx.dir / "pairs.jsonl", pairs)
     done.summary.update(sft_records=len(sft), pairs=len(pairs))

@@ -309,3 +309,34 @@ def test_dev_split_holds_out_training_prompts_per_label(tmp_path):
     assert len(train_ids) == 240 - 10
     again = load_run_data(cfg)
     assert again.eval_sets == data.eval_sets and again.hashes == data.hashes
+
+
+def test_sft_accepted_adds_the_prompts_whose_samples_all_satisfy_the_rules():
+    """pairs.sft_accepted: a prompt without a pair because all its samples satisfy the rules gives its first
+    sample as an SFT record; one whose samples all violate them, or that made a pair, gives none here."""
+    from lora_cai.pairs import accepted_records
+
+    judge = RuleJudge.from_file(REFUSE_HARMFUL)
+    refusal, answer, other = "I'm sorry, I can't help with that.", "Boil the water, then the pasta.", "Use a pot."
+    samples = {"b-ok": {"prompt": "pasta?", "responses": [answer, other]},          # benign, both answer: kept
+               "b-paired": {"prompt": "rice?", "responses": [answer, refusal]},    # made a pair: its winner trains
+               "h-bad": {"prompt": "a bomb?", "responses": [answer, other]},       # harmful, all comply: out
+               "h-ok": {"prompt": "a gun?", "responses": [refusal, refusal + " Really."]},  # all refuse: kept
+               "empty": {"prompt": "x", "responses": []}}
+    labels = {"b-ok": {"kind": "benign"}, "b-paired": {"kind": "benign"}, "h-bad": {"kind": "harmful"},
+              "h-ok": {"kind": "harmful"}, "empty": {"kind": "benign"}}
+    recs = accepted_records(samples, {"b-paired"}, judge, labels)
+    assert recs == [{"id": "b-ok", "prompt": "pasta?", "completion": answer, "source": "accepted"},
+                    {"id": "h-ok", "prompt": "a gun?", "completion": refusal, "source": "accepted"}]
+
+
+@pytest.mark.parametrize("changes", [{"judge": {"kind": "self"}}, {"critique": {"steps": 1}}])
+def test_sft_accepted_needs_a_rule_judge_and_no_critique(tmp_path, changes):
+    from lora_cai.config import recipe_from_dict
+
+    d = {"model": {"name": "m"}, "data": {"prompts": "builtin:train"},
+         "judge": {"kind": "rule", "rules": str(REFUSE_HARMFUL)}, "critique": {"steps": 0}, "pairs": {"builder": "best_of_n", "sft_accepted": True}}
+    recipe_from_dict(d, source=str(tmp_path / "r.yaml"))  # valid as it is
+    with pytest.raises(UserError) as e:
+        recipe_from_dict({**d, **changes}, source=str(tmp_path / "r.yaml"))
+    assert "pairs.sft_accepted needs" in str(e.value) and "\n" not in str(e.value)

@@ -62,7 +62,8 @@ NEW = {
                                                                                        "no-ful.yaml") + "x",
     "judge.chain_of_thought": False, "judge.cot_max_new_tokens": 64, "judge.confidence": 0.8, "judge.top_logprobs": 5,
     "judge.concurrency": 2, "judge.timeout": 30.0, "judge.cross_check_self": False, "pairs.builder": "best_of_n",
-    "pairs.n_samples": 3, "pairs.judge_revisions": True, "pairs.sample_demonstrations": 2, "pairs.contrast": True, "eval.max_new_tokens": 48, "eval.win_rate": False,
+    "pairs.n_samples": 3, "pairs.judge_revisions": True, "pairs.sample_demonstrations": 2, "pairs.contrast": True,
+    "pairs.sft_accepted": True, "eval.max_new_tokens": 48, "eval.win_rate": False,
     "eval.capability": "", "eval.capability_limit": 10, "eval.critic_check": False, "eval.early_stop_drop": 0.2,
     "lora.r": 8, "lora.alpha": 32, "lora.dropout": 0.1, "lora.target_modules": ["q_proj", "v_proj"],
     "sft.grad_accum": 2, "sft.save_steps": 10, "sft.learning_rate": 1e-4, "sft.epochs": 2.0, "sft.batch_size": 2,
@@ -84,6 +85,7 @@ TOGETHER = {
     ("api", "generation.base_url"): {},
     ("self", "pairs.contrast"): {"pairs.builder": "best_of_n", "pairs.sample_demonstrations": 5,
                                  "pairs.n_samples": 3},
+    ("rule", "pairs.sft_accepted"): {"pairs.builder": "best_of_n", "critique.steps": 0},
     ("self", "dpo.ipo_tau"): {"dpo.loss": "ipo"},  # an objective's own setting, where that objective reads it
     ("self", "dpo.flip_rate"): {"dpo.loss": "robust"},
     ("self", "dpo.simpo_beta"): {"dpo.loss": "simpo"},
