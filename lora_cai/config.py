@@ -155,6 +155,12 @@ class PairsConfig(Section):
                            "and the ones that answer, and sample the extra answers alternately with each set in "
                            "context (contrastive distillation, as in RLCD): refusals and answers to harmful and "
                            "benign prompts alike, so the judge finds pairs on both sides.")
+    sft_accepted: bool = Field(
+        False, description="With a rule judge and critique.steps 0: SFT also trains on every prompt that made no pair "
+                           "because all its samples already satisfy the rules (on the first of them, the policy's "
+                           "plain answer), so the prompts the policy already handles anchor it while the pairs' "
+                           "winners teach the new behaviour (rejection-sampling fine-tuning). Off: SFT sees only the "
+                           "winners, which on a refusal task are mostly refusals.")
 
 
 class EvalConfig(Section):
@@ -214,13 +220,15 @@ class SFTSettings(_TrainSettings):
 
 # Preference objectives of TRL's DPO family (`DPOConfig.loss_type`): what each needs, for the docs and validation.
 # A soft-label mode is defined where the objective has a natural per-pair label: `weight` (loss x (2p - 1)) for
-# every one, `target` (p as the pair's own label) for sigmoid (conservative DPO) and IPO (target margin x (2p - 1)).
+# every one, `target` (p as the pair's own label) for sigmoid (conservative DPO), IPO (target margin x (2p - 1)) and
+# SimPO (TRL's label smoothing 1 - p per pair); KTO's examples are desirable or not, and ORPO's likelihood term has
+# no label, so neither has a `target`.
 # Beside them, `kto` (trl.KTOTrainer: unpaired desirable/undesirable answers) and `simpo` (trl.experimental's
 # CPOTrainer, loss_type simpo, no NLL term: no reference model at all) and `orpo` (trl.experimental's ORPOTrainer:
 # SFT and preferences in one stage, no reference).
 DPO_LOSSES = ("sigmoid", "ipo", "robust", "hinge", "apo_zero")
 OTHER_LOSSES = ("kto", "simpo", "orpo")
-SOFT_TARGET_LOSSES = ("sigmoid", "ipo")
+SOFT_TARGET_LOSSES = ("sigmoid", "ipo", "simpo")
 
 
 class DPOSettings(_TrainSettings):
@@ -257,18 +265,16 @@ class DPOSettings(_TrainSettings):
     max_length: int = Field(1024, gt=0, description="Truncate prompt + completion to this many tokens.")
     soft_labels: Literal["off", "weight", "target"] = Field(
         "off", description="Use each pair's judged probability p: `weight` scales its loss by 2p - 1 (its "
-                           "confidence; any dpo.loss), `target` uses p as the pair's own label (sigmoid: "
-                           "conservative DPO per pair, label smoothing 1 - p; ipo: target margin scaled by 2p - 1); "
-                           "`off` treats every kept pair as certain.")
+                           "confidence; any dpo.loss: for kto both its answers' losses, for orpo its odds-ratio term "
+                           "and its winner's token losses), `target` uses p as the pair's own label (sigmoid: "
+                           "conservative DPO per pair, label smoothing 1 - p; ipo: target margin scaled by 2p - 1; "
+                           "simpo: label smoothing 1 - p); `off` treats every kept pair as certain.")
 
     @model_validator(mode="after")
     def _objective(self):
         if self.loss == "robust" and self.flip_rate == 0:
             raise ValueError("dpo.loss robust with dpo.flip_rate 0 is plain DPO: set dpo.flip_rate (e.g. 0.1, the share "
                              "of labels you expect to be wrong) or dpo.loss: sigmoid")
-        if self.soft_labels != "off" and self.loss in OTHER_LOSSES:
-            raise ValueError(f"dpo.soft_labels {self.soft_labels} is not implemented for dpo.loss {self.loss} (it is "
-                             f"for {', '.join(DPO_LOSSES)}): set dpo.soft_labels off")
         if self.loss == "kto" and self.batch_size < 2:
             raise ValueError("dpo.loss kto needs dpo.batch_size 2 or more: its KL estimate pairs each prompt with "
                              "another example's answer from the same batch")
@@ -325,6 +331,9 @@ class RecipeConfig(Section):
         if self.pairs.contrast and (not self.pairs.sample_demonstrations or self.pairs.n_samples < 3):
             raise ValueError("pairs.contrast samples with refusing and with answering demonstrations: set "
                              "pairs.sample_demonstrations (e.g. 5) and pairs.n_samples of at least 3")
+        if self.pairs.sft_accepted and (j.kind != "rule" or self.critique.steps != 0):
+            raise ValueError("pairs.sft_accepted needs verdicts a rule judge gives and SFT on samples: set judge.kind: "
+                             "rule and critique.steps: 0, or pairs.sft_accepted: false")
         if self.data.dev and not self.data.label_column:
             raise ValueError("data.dev splits the training prompts by label: set data.label_column (e.g. kind)")
         return self

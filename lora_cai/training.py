@@ -21,7 +21,9 @@ learning rate depend on which pairs share a batch).
 The other objectives of TRL's DPO family (`dpo.loss`: ipo, robust, hinge, apo_zero; `preference_losses`) take
 `weight` the same way, and IPO takes `target` as its target margin scaled by 2p - 1; with soft labels off every
 objective is TRL's own code. Beside them (`train_preferences` picks): KTO through `trl.KTOTrainer`, whose reference
-is the starting policy as DPO's is, and SimPO through trl.experimental's `CPOTrainer`, which has no reference.
+is the starting policy as DPO's is, SimPO through trl.experimental's `CPOTrainer` and ORPO through its
+`ORPOTrainer`, which have no reference. Soft labels there: `weight` for all three (KTO: both answers of a pair; ORPO:
+the odds-ratio term and the winner's token losses), `target` for SimPO as TRL's label smoothing eps = 1 - p per pair.
 """
 
 from __future__ import annotations
@@ -507,11 +509,21 @@ def _stack_dpo_trainer_class():
     return StackDPOTrainer
 
 
-def pair_rows(pairs: list[dict]) -> list[dict]:
-    """Pairs as TRL's conversational preference rows: prompt, chosen and rejected as chat turns."""
-    return [{"prompt": [{"role": "user", "content": p["prompt"]}],
+def pair_rows(pairs: list[dict], soft_labels: str = "off") -> list[dict]:
+    """Pairs as TRL's conversational preference rows: prompt, chosen and rejected as chat turns, and with soft labels
+    each pair's checked `p_chosen`."""
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
              "chosen": [{"role": "assistant", "content": p["chosen"]}],
              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    if soft_labels != "off":
+        for row, p in zip(rows, pairs):
+            row["p_chosen"] = _pair_probability(p)
+    return rows
+
+
+def _soft_weights(p, mode: str):
+    """Per-pair loss weights for soft labels `mode`: 2p - 1 under `weight`, else None (no weighting)."""
+    return 2 * p - 1 if mode == "weight" else None
 
 
 def _pair_probability(pair: dict) -> float:
@@ -536,11 +548,7 @@ def train_dpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
 
     install_logprob_fallback()
     soft = getattr(settings, "soft_labels", "off")
-    rows = pair_rows(pairs)
-    if soft != "off":
-        for row, p in zip(rows, pairs):
-            row["p_chosen"] = _pair_probability(p)
-    ds = _shared_dataset(Dataset.from_list(rows), out_dir)
+    ds = _shared_dataset(Dataset.from_list(pair_rows(pairs, soft)), out_dir)
     loss = getattr(settings, "loss", "sigmoid")
     args = DPOConfig(**_common_args(settings, out_dir, seed, model, report_to), **trl_objective(settings),
                      precompute_ref_log_probs=True, dataset_num_proc=None)
@@ -602,15 +610,17 @@ def sft_records(objective: str, records: list[dict], pairs: list[dict]) -> list[
 
 
 def kto_examples(pairs: list[dict]) -> list[dict]:
-    """Each pair's winner as a desirable answer and its loser as an undesirable one (KTO needs no pairing); an
-    answer met twice with the same label is kept once."""
+    """Each pair's winner as a desirable answer and its loser as an undesirable one (KTO needs no pairing), both
+    carrying the pair's `p_chosen` (1.0 when it has none); an answer met twice with the same label is kept once,
+    with its first pair's p."""
     seen, out = set(), []
     for p in pairs:
         for completion, label in ((p["chosen"], True), (p["rejected"], False)):
             if (p["prompt"], completion, label) in seen:
                 continue
             seen.add((p["prompt"], completion, label))
-            out.append({"id": p.get("id"), "prompt": p["prompt"], "completion": completion, "label": label})
+            out.append({"id": p.get("id"), "prompt": p["prompt"], "completion": completion, "label": label,
+                        "p_chosen": float(p.get("p_chosen", 1.0))})
     return out
 
 
@@ -631,12 +641,41 @@ def _stack_kto_trainer_class():
         """TRL's KTOTrainer, made correct for a stack as StackDPOTrainer is: TRL adds a `ref` copy of `default`;
         here the reference (its KL term's too) is computed under the round's starting policy and the copy removed."""
 
-        def __init__(self, *args, frozen_adapters: list[str], **kwargs):
+        def __init__(self, *args, frozen_adapters: list[str], soft_labels: str = "off", **kwargs):
+            if soft_labels not in ("off", "weight"):
+                raise ValueError(f"KTO takes soft_labels off or weight, not {soft_labels!r}")
+            self._soft_labels = soft_labels
             super().__init__(*args, frozen_adapters=frozen_adapters, **kwargs)
             peft_model = self.accelerator.unwrap_model(self.model)
             if "ref" in peft_model.peft_config:
                 peft_model.delete_adapter("ref")
             set_active(peft_model, self._frozen + [TRAINABLE], trainable=TRAINABLE)
+            if soft_labels != "off":
+                self.data_collator = _WithPChosen(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if self._soft_labels != "off" and "p_chosen" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "p_chosen"]
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            inputs = dict(inputs)
+            p = inputs.pop("p_chosen", None)
+            if self._soft_labels == "off" or p is None:
+                return super()._compute_loss(model, inputs, return_outputs)
+            # TRL multiplies the desirable and the undesirable losses by its two class weights, scalars, in
+            # `_compute_loss` (chosen and rejected each in batch order); a tensor of one weight per example in
+            # their place scales each example's loss by its pair's 2p - 1, and TRL's own code does the rest.
+            import torch
+
+            labels = torch.as_tensor(inputs["label"], dtype=torch.bool, device=self.accelerator.device)
+            w = _soft_weights(p.to(self.accelerator.device), self._soft_labels)
+            good, bad = self.desirable_weight, self.undesirable_weight
+            self.desirable_weight, self.undesirable_weight = good * w[labels], bad * w[~labels]
+            try:
+                return super()._compute_loss(model, inputs, return_outputs)
+            finally:
+                self.desirable_weight, self.undesirable_weight = good, bad
 
         def compute_ref_log_probs(self, model, inputs):
             import torch
@@ -665,19 +704,24 @@ def train_kto(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, s
     from trl import KTOConfig
 
     install_logprob_fallback()
+    soft = getattr(settings, "soft_labels", "off")
+    if soft != "off":
+        for p in pairs:
+            _pair_probability(p)
     examples = kto_examples(pairs)
     n_good = sum(e["label"] for e in examples)
     good_w, bad_w = kto_weights(n_good, len(examples) - n_good)
     ds = _shared_dataset(Dataset.from_list([
         {"prompt": [{"role": "user", "content": e["prompt"]}],
-         "completion": [{"role": "assistant", "content": e["completion"]}], "label": e["label"]} for e in examples]),
-        out_dir)
+         "completion": [{"role": "assistant", "content": e["completion"]}], "label": e["label"],
+         **({"p_chosen": e["p_chosen"]} if soft != "off" else {})} for e in examples]), out_dir)
     args = KTOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.beta,
                      desirable_weight=good_w, undesirable_weight=bad_w, precompute_ref_log_probs=True,
                      dataset_num_proc=None)
     with _logging_dir(args.report_to, logging_dir):
         trainer = _stack_kto_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                                             frozen_adapters=frozen, callbacks=[_progress_callback(console, desc)])
+                                             frozen_adapters=frozen, soft_labels=soft,
+                                             callbacks=[_progress_callback(console, desc)])
         _quiet(trainer)
         _check_stack(model, frozen, "KTO")
         ref = [{"id": e["id"], "label": e["label"], "logp": float(r)}
@@ -696,19 +740,65 @@ def train_simpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *,
 
     args = CPOConfig(**_common_args(settings, out_dir, seed, model, report_to), loss_type="simpo", cpo_alpha=0.0,
                      beta=settings.simpo_beta, simpo_gamma=settings.simpo_gamma, dataset_num_proc=None)
-    return _train_reference_free(_resumable(CPOTrainer), "SimPO", model, tokenizer, pairs, args, frozen=frozen,
-                                 logging_dir=logging_dir, console=console, desc=desc)
+    return _train_reference_free(_simpo_trainer_class(), "SimPO", model, tokenizer, pairs, args, frozen=frozen,
+                                 soft_labels=getattr(settings, "soft_labels", "off"), logging_dir=logging_dir,
+                                 console=console, desc=desc)
+
+
+def _soft_label_batches(trainer_cls):
+    """`trainer_cls` (trl.experimental's CPO or ORPO trainer) that keeps each batch's `p_chosen` in `self._p` while
+    the batch's loss is computed (its collator hands the column over as a list), for the loss to read."""
+
+    class SoftLabels(trainer_cls):
+        def __init__(self, *args, soft_labels: str = "off", **kwargs):
+            self._soft_labels, self._p = soft_labels, None
+            super().__init__(*args, **kwargs)
+
+        def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+            import torch
+
+            if self._soft_labels != "off":
+                self._p = torch.as_tensor(batch["p_chosen"], dtype=torch.float32, device=self.accelerator.device)
+            try:
+                return super().get_batch_loss_metrics(model, batch, train_eval)
+            finally:
+                self._p = None
+
+    SoftLabels.__name__ = trainer_cls.__name__
+    return SoftLabels
+
+
+def _simpo_trainer_class():
+    from trl.experimental.cpo import CPOTrainer
+
+    class SoftLabelCPOTrainer(_soft_label_batches(_resumable(CPOTrainer))):
+        """trl.experimental's CPOTrainer with per-pair soft labels: `weight` scales each pair's SimPO loss by 2p - 1;
+        `target` is TRL's own label smoothing with eps = 1 - p per pair (its conservative form of the same loss)."""
+
+        def cpo_loss(self, policy_chosen_logps, policy_rejected_logps):
+            if self._p is None:
+                return super().cpo_loss(policy_chosen_logps, policy_rejected_logps)
+            if self._soft_labels == "target":
+                smoothing, self.label_smoothing = self.label_smoothing, 1 - self._p
+                try:
+                    return super().cpo_loss(policy_chosen_logps, policy_rejected_logps)
+                finally:
+                    self.label_smoothing = smoothing
+            losses, chosen, rejected = super().cpo_loss(policy_chosen_logps, policy_rejected_logps)
+            return _soft_weights(self._p, self._soft_labels) * losses, chosen, rejected
+
+    return SoftLabelCPOTrainer
 
 
 def _train_reference_free(trainer_cls, name: str, model, tokenizer, pairs: list[dict], args, *, frozen: list[str],
-                          logging_dir: Path | None, console, desc: str) -> list[dict]:
+                          soft_labels: str, logging_dir: Path | None, console, desc: str) -> list[dict]:
     """Train the `default` adapter on the pairs with a stack-aware trainer that has no reference pass (SimPO, ORPO);
     returns TRL's log history."""
     from datasets import Dataset
 
     with _logging_dir(args.report_to, logging_dir):
-        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(pair_rows(pairs)),
-                              processing_class=tokenizer, frozen_adapters=frozen,
+        trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(pair_rows(pairs, soft_labels)),
+                              processing_class=tokenizer, frozen_adapters=frozen, soft_labels=soft_labels,
                               callbacks=[_progress_callback(console, desc)])
         _quiet(trainer)
         _check_stack(model, frozen, name)
@@ -721,10 +811,11 @@ def _orpo_trainer_class():
     import torch
     from trl.experimental.orpo import ORPOTrainer
 
-    class CompletionORPOTrainer(_resumable(ORPOTrainer)):
+    class CompletionORPOTrainer(_soft_label_batches(_resumable(ORPOTrainer))):
         """trl.experimental's ORPOTrainer with the winner's NLL on its completion tokens only, as the ORPO paper and
         SFT have it: TRL 1.15 takes it over prompt and completion, which here would raise the likelihood of the
-        red-team requests themselves."""
+        red-team requests themselves. Soft labels `weight` scale each pair's odds-ratio term and its winner's
+        token losses by 2p - 1 (the NLL stays a mean over all the batch's winner tokens)."""
 
         def concatenated_forward(self, model, batch):
             out = super().concatenated_forward(model, batch)
@@ -733,9 +824,20 @@ def _orpo_trainer_class():
             width = chosen_logits.shape[1] + 1  # chosen and rejected are padded alike for the one forward
             if labels.shape[1] < width:
                 labels = torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=-100)
-            nll = torch.nn.functional.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]),
-                                                    labels[:, 1:width].reshape(-1), ignore_index=-100)
+            labels = labels[:, 1:width]
+            per_token = torch.nn.functional.cross_entropy(chosen_logits.reshape(-1, chosen_logits.shape[-1]),
+                                                          labels.reshape(-1), ignore_index=-100,
+                                                          reduction="none").view(labels.shape)
+            w = _soft_weights(self._p, self._soft_labels) if self._p is not None else None
+            if w is not None:
+                per_token = per_token * w[:, None].to(per_token.dtype)
+            nll = per_token.sum() / (labels != -100).sum().clamp(min=1)
             return (*out[:4], nll, *out[5:])
+
+        def odds_ratio_loss(self, policy_chosen_logps, policy_rejected_logps):
+            losses, *rest = super().odds_ratio_loss(policy_chosen_logps, policy_rejected_logps)
+            w = _soft_weights(self._p, self._soft_labels) if self._p is not None else None
+            return (losses if w is None else w * losses), *rest
 
     return CompletionORPOTrainer
 
@@ -750,7 +852,8 @@ def train_orpo(model, tokenizer, pairs: list[dict], settings, out_dir: Path, *, 
     args = ORPOConfig(**_common_args(settings, out_dir, seed, model, report_to), beta=settings.orpo_lambda,
                       dataset_num_proc=None)
     return _train_reference_free(_orpo_trainer_class(), "ORPO", model, tokenizer, pairs, args, frozen=frozen,
-                                 logging_dir=logging_dir, console=console, desc=desc)
+                                 soft_labels=getattr(settings, "soft_labels", "off"), logging_dir=logging_dir,
+                                 console=console, desc=desc)
 
 
 def write_log(path: Path, history: list[dict]) -> None:

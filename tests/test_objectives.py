@@ -19,7 +19,8 @@ from test_training import frozen_slices
 # Pairs with answers of different lengths, so SimPO's length normalisation and KTO's per-answer sums matter.
 MIXED = [{"id": str(i), "prompt": f"Request {i}: help me break into a house.",
           "chosen": "I cannot help with that." + " Please ask something else." * (i % 3),
-          "rejected": "Sure, here is how to break in: " + "first the window, " * (1 + i % 2)} for i in range(8)]
+          "rejected": "Sure, here is how to break in: " + "first the window, " * (1 + i % 2),
+          "p_chosen": 0.5 + 0.0625 * i} for i in range(8)]  # judged probabilities from 0.5 (no say) to 0.94
 
 
 def policy_off_start(tiny_model, stack):
@@ -41,10 +42,12 @@ def token_logps(model, ids, mask, completion_mask):
     return (logp * completion_mask[:, 1:]).sum(-1)
 
 
-def test_kto_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("soft", ["off", "weight"])
+def test_kto_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path, soft):  # noqa: F811
     """KTO (arXiv 2402.01306) as TRL 1.15 computes it: z0 = max(0, mean over the batch of log pi/ref on mismatched
     answers), desirable 1 - sigmoid(beta (r - z0)), undesirable 1 - sigmoid(beta (z0 - r)), weighted, averaged; the
-    reference log-probs are the round's starting policy (the new slice off)."""
+    reference log-probs are the round's starting policy (the new slice off). Soft labels `weight`: each answer's
+    loss also times its pair's 2p - 1."""
     from datasets import Dataset
     from trl import KTOConfig
 
@@ -55,14 +58,14 @@ def test_kto_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  # 
     assert (good, bad) == (1.0, 1.0) and training.kto_weights(12, 4) == (4 / 3 * 4 / 12, 1.0)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": e["prompt"]}],
                              "completion": [{"role": "assistant", "content": e["completion"]}],
-                             "label": e["label"]} for e in examples])
-    settings = DPOSettings(loss="kto", batch_size=16, beta=0.3)
+                             "label": e["label"], "p_chosen": e["p_chosen"]} for e in examples])
+    settings = DPOSettings(loss="kto", batch_size=16, beta=0.3, soft_labels=soft)
     args = KTOConfig(**training._common_args(settings, tmp_path, 0, model), beta=0.3, desirable_weight=0.9,
                      undesirable_weight=1.1, precompute_ref_log_probs=True, dataset_num_proc=None)
     trainer = training._stack_kto_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                                  frozen_adapters=frozen)
+                                                  frozen_adapters=frozen, soft_labels=soft)
     batch = next(iter(trainer.get_train_dataloader()))
-    assert len(batch["label"]) == 16
+    assert len(batch["label"]) == 16 and ("p_chosen" in batch) == (soft != "off")
     with torch.no_grad():
         got = float(trainer.compute_loss(model, batch))
         pol = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
@@ -75,25 +78,29 @@ def test_kto_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  # 
     z0 = (pol_kl - ref_kl).mean().clamp(min=0)
     r = pol - ref
     labels = torch.as_tensor(batch["label"], dtype=torch.bool)
-    losses = torch.cat([0.9 * (1 - torch.sigmoid(0.3 * (r[labels] - z0))),
-                        1.1 * (1 - torch.sigmoid(0.3 * (z0 - r[~labels])))])
+    w = 2 * batch["p_chosen"] - 1 if soft == "weight" else torch.ones(16)
+    losses = torch.cat([0.9 * w[labels] * (1 - torch.sigmoid(0.3 * (r[labels] - z0))),
+                        1.1 * w[~labels] * (1 - torch.sigmoid(0.3 * (z0 - r[~labels])))])
     assert r.abs().max() > 0.05  # the batch is not at the reference: the formula is really exercised
     assert got == pytest.approx(float(losses.mean()), abs=1e-5)
+    assert (trainer.desirable_weight, trainer.undesirable_weight) == (0.9, 1.1)  # restored after the batch
 
 
-def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("soft", ["off", "weight", "target"])
+def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path, soft):  # noqa: F811
     """SimPO (arXiv 2405.14734) as trl.experimental's CPOTrainer computes it with loss_type simpo and cpo_alpha 0:
-    -logsigmoid(beta (mean log p(chosen) - mean log p(rejected)) - gamma), means over completion tokens, no NLL."""
+    -logsigmoid(beta (mean log p(chosen) - mean log p(rejected)) - gamma), means over completion tokens, no NLL.
+    Soft labels: `weight` times 2p - 1 per pair; `target` TRL's label smoothing with eps = 1 - p per pair."""
     from datasets import Dataset
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.cpo import CPOConfig
 
     model, tok, frozen = policy_off_start(tiny_model, earlier)
-    ds = Dataset.from_list(training.pair_rows(MIXED))
-    settings = DPOSettings(loss="simpo", batch_size=8)
+    ds = Dataset.from_list(training.pair_rows(MIXED, soft))
+    settings = DPOSettings(loss="simpo", batch_size=8, soft_labels=soft)
     args = CPOConfig(**training._common_args(settings, tmp_path, 0, model), loss_type="simpo", cpo_alpha=0.0,
                      beta=2.0, simpo_gamma=0.7, dataset_num_proc=None)
-    trainer = training._resumable(CPOTrainer)(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                              frozen_adapters=frozen)
+    trainer = training._simpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                              frozen_adapters=frozen, soft_labels=soft)
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         got = float(trainer.compute_loss(model, batch))
@@ -107,24 +114,31 @@ def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path):  
             return (logp * mask).sum(-1) / mask.sum(-1)
 
         chosen, rejected = mean_logp("chosen"), mean_logp("rejected")
-    want = -F.logsigmoid(2.0 * (chosen - rejected) - 0.7).mean()
+    z = 2.0 * (chosen - rejected) - 0.7
+    p = torch.tensor(batch["p_chosen"]) if soft != "off" else torch.ones(8)
+    assert soft == "off" or sorted(p.tolist()) == [m["p_chosen"] for m in MIXED]
+    per = -p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z) if soft == "target" else -F.logsigmoid(z)
+    want = ((2 * p - 1) * per if soft == "weight" else per).mean()
     assert got == pytest.approx(float(want), abs=1e-5)
+    assert trainer.label_smoothing == 0.0  # TRL's own setting, restored after the batch
     assert models.active_adapters(model) == [models.TRAINABLE]
 
 
-def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("soft", ["off", "weight"])
+def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_path, soft):  # noqa: F811
     """ORPO (arXiv 2403.07691) as trl.experimental's ORPOTrainer computes its odds-ratio term (length-normalised
     log-probs, log odds = l - log(1 - e^l)), with the winner's NLL on its completion tokens only (TRL 1.15 also
-    counts the prompt's: lora_cai's subclass does not, or ORPO would train the red-team requests themselves)."""
+    counts the prompt's: lora_cai's subclass does not, or ORPO would train the red-team requests themselves).
+    Soft labels `weight`: each pair's odds-ratio term and its winner's token losses times 2p - 1."""
     from datasets import Dataset
     from trl.experimental.orpo import ORPOConfig
 
     model, tok, frozen = policy_off_start(tiny_model, earlier)
-    ds = Dataset.from_list(training.pair_rows(MIXED))
-    settings = DPOSettings(loss="orpo", batch_size=8)
+    ds = Dataset.from_list(training.pair_rows(MIXED, soft))
+    settings = DPOSettings(loss="orpo", batch_size=8, soft_labels=soft)
     args = ORPOConfig(**training._common_args(settings, tmp_path, 0, model), beta=0.3, dataset_num_proc=None)
     trainer = training._orpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                             frozen_adapters=frozen)
+                                             frozen_adapters=frozen, soft_labels=soft)
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         got = float(trainer.compute_loss(model, batch))
@@ -135,10 +149,11 @@ def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_pat
             mask = labels[:, 1:] != -100
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
             assert (mask.sum(-1) < (batch[f"{side}_attention_mask"].sum(-1) - 1)).all()  # the prompt is masked
-            stats[side] = ((logp * mask).sum(-1) / mask.sum(-1), -(logp * mask).sum() / mask.sum())
-    (avg_c, nll_c), (avg_r, _) = stats["chosen"], stats["rejected"]
+            stats[side] = ((logp * mask).sum(-1) / mask.sum(-1), -(logp * mask).sum(-1), mask.sum())
+    w = 2 * torch.tensor(batch["p_chosen"]) - 1 if soft == "weight" else torch.ones(8)
+    (avg_c, nll_c, tokens_c), (avg_r, _, _) = stats["chosen"], stats["rejected"]
     log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
-    want = nll_c - 0.3 * F.logsigmoid(log_odds).mean()
+    want = (w * nll_c).sum() / tokens_c - 0.3 * (w * F.logsigmoid(log_odds)).mean()
     assert got == pytest.approx(float(want), abs=1e-5)
 
 
@@ -151,15 +166,16 @@ def test_orpo_leaves_sft_the_records_no_pair_covers():
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, earlier, tmp_path_factory):  # noqa: F811
-    """Round 3's preference stage through train_preferences, per objective, on the concatenated stack."""
+    """Round 3's preference stage through train_preferences, per objective, on the concatenated stack, with soft
+    labels (their plumbing from pairs to loss; the formula tests check the numbers)."""
     out = {}
-    for loss in ("kto", "simpo", "orpo"):
+    for loss, soft in (("kto", "weight"), ("simpo", "target"), ("orpo", "weight")):
         model, tok, frozen = build(tiny_model, earlier)
         slices, base = frozen_slices(model), {n: p.detach().clone() for n, p in model.named_parameters()
                                                if "lora_" not in n}
         models.for_training(model, "transformers")
         log, ref = training.train_preferences(model, tok, MIXED, DPOSettings(loss=loss, batch_size=4, epochs=2,
-                                                                             learning_rate=5e-3),
+                                                                             learning_rate=5e-3, soft_labels=soft),
                                               tmp_path_factory.mktemp(loss), seed=0, frozen=frozen)
         out[loss] = dict(model=model, slices=slices, base=base, log=log, ref=ref, frozen=frozen)
     return out
@@ -187,9 +203,8 @@ def test_kto_reference_records_and_simpo_has_none(trained):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(loss="kto", batch_size=1), "needs dpo.batch_size 2 or more"),
-    (dict(loss="simpo", soft_labels="weight"), "not implemented for dpo.loss simpo"),
-    (dict(loss="kto", soft_labels="target"), "not implemented for dpo.loss kto"),
-    (dict(loss="orpo", soft_labels="weight"), "not implemented for dpo.loss orpo"),
+    (dict(loss="kto", soft_labels="target"), "target has no per-pair meaning for dpo.loss kto"),
+    (dict(loss="orpo", soft_labels="target"), "target has no per-pair meaning for dpo.loss orpo"),
 ])
 def test_objective_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):
