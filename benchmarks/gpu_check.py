@@ -17,7 +17,8 @@ capability: figures from a data-centre GPU say nothing about a T4's speed.
 - `shapes` (b): a Llama-3.1-8B-shaped model with random weights built from a config (nothing downloaded), saved
   once (its own part), loaded in 4-bit by each backend (Unsloth, then transformers + PEFT, one process each): generation
   tokens/s at batch 1, 8 and 32 (128-token prompts, 64 new tokens), and one SFT and one DPO step at sequence 1024
-  and 2048 with the measured peak memory beside the planner's estimate (`lora_cai.planner`).
+  and 2048 with the measured peak memory beside the planner's estimate (`lora_cai.planner`), then one step of each
+  other preference objective (KTO at batch 2, SimPO, ORPO: their full-vocabulary logits) the same way.
 
 `--tiny` runs the same code on a CPU with the tiny test model and small sizes (the default test suite runs it, so
 it cannot rot); float16 with its scaler needs a GPU and is skipped there, and Unsloth's CPU backend never imports
@@ -52,6 +53,7 @@ FULL = {"batches": (1, 8, 32), "prompt": 128, "new": 64, "seqs": (1024, 2048)}
 TINY = {"batches": (1, 2, 4), "prompt": 16, "new": 8, "seqs": (64, 128)}
 ROUND_DTYPES = ("bfloat16", "float16")
 KERNELS = ("LoRA_QKV", "LoRA_W", "LoRA_MLP")
+OBJECTIVES = ("kto", "simpo", "orpo")  # dpo.loss values beside DPO whose peak the planner models differently
 
 
 # ---------------------------------------------------------------- the JSON file, written as figures come in
@@ -362,17 +364,20 @@ def part_shapes(out: Path, backend: str, tiny: bool, work: Path) -> None:
     per_word = len(tok(" tok" * 100, add_special_tokens=False)["input_ids"]) / 100
     for seq in sizes["seqs"]:
         half = (" tok" * int((seq // 2 - 16) / per_word)).strip()  # prompt and answer: half the sequence each
-        for stage in ("sft", "dpo"):
-            dpo = stage == "dpo"
+        for stage in ("sft", "dpo", *OBJECTIVES):
+            dpo = stage != "sft"
+            objective = "sigmoid" if stage == "dpo" else stage
+            batch = 2 if objective == "kto" else 1  # KTO's KL estimate needs two examples in a batch
             sft_records = [{"prompt": half, "completion": half}]
-            pairs = [{"id": "0", "prompt": half, "chosen": half, "rejected": half.replace("tok", "kot")}]
-            common = dict(batch_size=1, learning_rate=1e-4, epochs=1, max_length=seq, save_steps=1000)
+            pairs = [{"id": str(i), "prompt": half, "chosen": half, "rejected": half.replace("tok", "kot")}
+                     for i in range(batch)]
+            common = dict(batch_size=batch, learning_rate=1e-4, epochs=1, max_length=seq, save_steps=1000)
             peak_reset()
             t0 = time.time()
             try:
                 if dpo:
-                    training.train_dpo(model, tok, pairs, DPOSettings(**common), work / f"{backend}-dpo-{seq}",
-                                       seed=0, frozen=frozen)
+                    training.train_preferences(model, tok, pairs, DPOSettings(loss=objective, **common),
+                                               work / f"{backend}-{stage}-{seq}", seed=0, frozen=frozen)
                 else:
                     training.train_sft(model, tok, sft_records, SFTSettings(**common),
                                        work / f"{backend}-sft-{seq}", seed=0, frozen=frozen)
@@ -381,8 +386,8 @@ def part_shapes(out: Path, backend: str, tiny: bool, work: Path) -> None:
                 if not generation.is_oom(error):
                     raise
                 figures = {"seconds": None, "peak_gb": peak_gb(), "error": "out of memory"}
-            est = planner.estimate_training(shape, batch=1, seq_len=seq, lora_r=lora.r,
-                                            target_modules=lora.target_modules, dpo=dpo,
+            est = planner.estimate_training(shape, batch=batch, seq_len=seq, lora_r=lora.r,
+                                            target_modules=lora.target_modules, dpo=dpo, objective=objective,
                                             device="cuda" if torch.cuda.is_available() else "cpu")
             record(out, key + (stage, seq), figures | {"planner_gb": est.total_gb})
     record(out, key + ("status",), "ok")

@@ -96,7 +96,7 @@ def collect(run_dir: Path) -> tuple[dict[str, list[dict]], dict]:
             seen_sft.add(key)
             pair = winners.get((r.get("id"), r["completion"]), {})
             trajectory = trajectories.get(r.get("id"))
-            source = pair.get("source") or ("revision" if trajectory else "sft")
+            source = pair.get("source") or r.get("source") or ("revision" if trajectory else "sft")
             # As in H4's splits, an SFT row also carries the answer it replaced: its pair's loser, else the answer
             # before revision. (TRL tells a conversational dataset by any one of these columns: none may be null.)
             before = pair.get("rejected") or (trajectory or {}).get("initial")

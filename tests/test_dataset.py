@@ -124,6 +124,22 @@ def test_repeats_are_kept_once_and_a_stopped_round_is_flagged(run, tmp_path):
     assert "Round 2 was stopped early" in card and "1 SFT records and 0 pairs were dropped" in card
 
 
+def test_an_accepted_sample_keeps_its_source(run, tmp_path):
+    """pairs.sft_accepted's records (no pair, no revision) are exported as `accepted`, not as revisions."""
+    from datasets import load_dataset
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    first = lines(copy / "round-1" / "trajectories.jsonl")[0]
+    with open(copy / "round-2" / "sft.jsonl", "a") as f:
+        f.write(json.dumps({"id": first["id"], "prompt": first["prompt"], "completion": "An accepted answer.",
+                            "source": "accepted"}) + "\n")
+    assert export.main([str(copy), "--dataset", str(tmp_path / "out")]) == 0
+    ds = load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))
+    rows = [r for r in ds["train_sft"] if r["completion"][0]["content"] == "An accepted answer."]
+    assert [r["source"] for r in rows] == ["accepted"]
+
+
 @pytest.mark.parametrize("case", ["not-empty", "under-a-file", "with-out", "no-token"])
 def test_bad_dataset_targets_are_one_line_exit_2(case, run, tmp_path, capsys, monkeypatch):
     target = tmp_path / "out"

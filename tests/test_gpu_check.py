@@ -55,7 +55,7 @@ def test_gpu_check_tiny_fills_every_field(tmp_path):
         assert b["status"] == "ok" and b["load"]["seconds"] >= 0 and b["load"]["peak_gb"] > 0
         assert sorted(b["generation"], key=int) == ["1", "2", "4"]
         assert all(g["tokens_per_s"] > 0 and g["peak_gb"] > 0 and g["planner_gb"] >= 0 for g in b["generation"].values())
-        for stage in ("sft", "dpo"):
+        for stage in ("sft", "dpo", "kto", "simpo", "orpo"):
             assert sorted(b[stage], key=int) == ["64", "128"]
             assert all(s["seconds"] > 0 and s["peak_gb"] > 0 and s["planner_gb"] > 0 for s in b[stage].values())
 
