@@ -412,11 +412,27 @@ class _WithPChosen:
         return batch
 
 
+class _PChosenColumn:
+    """Mixin for a TRL trainer (before it in the bases) that, with soft labels, keeps the dataset's `p_chosen` column:
+    Trainer drops columns outside its signature and TRL's collators the ones they do not know, and the loss needs it."""
+
+    _soft_labels = "off"
+
+    def _keep_p_chosen(self):
+        if self._soft_labels != "off":
+            self.data_collator = _WithPChosen(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._soft_labels != "off" and "p_chosen" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "p_chosen"]
+
+
 def _stack_dpo_trainer_class():
     from trl import DPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
 
-    class StackDPOTrainer(_resumable(DPOTrainer)):
+    class StackDPOTrainer(_PChosenColumn, _resumable(DPOTrainer)):
         """TRL's DPOTrainer, made correct for a stack of adapters.
 
         Handed a PeftModel, TRL adds a `ref` copy of `default` and re-activates `default` alone (the
@@ -440,14 +456,7 @@ def _stack_dpo_trainer_class():
                         is not None or self.use_weighting or self.aux_loss_enabled or not self.precompute_ref_logps):
                     raise ValueError("soft labels need one DPO-family loss (dpo.loss) with precomputed reference "
                                      "log-probs and none of TRL's loss variants")
-                # TRL's collator drops columns it does not know; the loss needs p_chosen, so add it back per batch.
-                self.data_collator = _WithPChosen(self.data_collator)
-
-        def _set_signature_columns_if_needed(self):
-            # Trainer removes dataset columns outside the signature before batching; keep p_chosen.
-            super()._set_signature_columns_if_needed()
-            if self._soft_labels != "off" and "p_chosen" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "p_chosen"]
+                self._keep_p_chosen()
 
         def _compute_loss(self, model, inputs, return_outputs):
             if self._soft_labels == "off":
@@ -637,7 +646,7 @@ def _stack_kto_trainer_class():
     from trl import KTOTrainer
     from trl.models.utils import disable_gradient_checkpointing
 
-    class StackKTOTrainer(_resumable(KTOTrainer)):
+    class StackKTOTrainer(_PChosenColumn, _resumable(KTOTrainer)):
         """TRL's KTOTrainer, made correct for a stack as StackDPOTrainer is: TRL adds a `ref` copy of `default`;
         here the reference (its KL term's too) is computed under the round's starting policy and the copy removed."""
 
@@ -650,13 +659,7 @@ def _stack_kto_trainer_class():
             if "ref" in peft_model.peft_config:
                 peft_model.delete_adapter("ref")
             set_active(peft_model, self._frozen + [TRAINABLE], trainable=TRAINABLE)
-            if soft_labels != "off":
-                self.data_collator = _WithPChosen(self.data_collator)
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if self._soft_labels != "off" and "p_chosen" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "p_chosen"]
+            self._keep_p_chosen()
 
         def _compute_loss(self, model, inputs, return_outputs):
             inputs = dict(inputs)
