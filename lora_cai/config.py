@@ -232,7 +232,7 @@ SOFT_TARGET_LOSSES = ("sigmoid", "ipo", "simpo")
 
 
 class DPOSettings(_TrainSettings):
-    loss: Literal["sigmoid", "ipo", "robust", "hinge", "apo_zero", "kto", "simpo", "orpo"] = Field(
+    loss: Literal[DPO_LOSSES + OTHER_LOSSES] = Field(
         "sigmoid", description="Preference objective of the round's second training stage (TRL's DPO loss family "
                                "and beyond): `sigmoid` (DPO), `ipo` (IPO: a squared loss towards a finite margin, "
                                "for near-deterministic labels; length-normalised as TRL computes it), `robust` "
@@ -280,7 +280,7 @@ class DPOSettings(_TrainSettings):
                              "another example's answer from the same batch")
         if self.soft_labels == "target" and self.loss not in SOFT_TARGET_LOSSES:
             raise ValueError(f"dpo.soft_labels target has no per-pair meaning for dpo.loss {self.loss} (it has for "
-                             f"{' and '.join(SOFT_TARGET_LOSSES)}): use dpo.soft_labels weight or off")
+                             f"{', '.join(SOFT_TARGET_LOSSES)}): use dpo.soft_labels weight or off")
         return self
 
 

@@ -10,14 +10,15 @@ from .errors import UserError
 from .stage import Done, Round, peak_memory, timed
 
 
-def comparisons(ctx: Round, trajectories: list[dict], samples: dict | None) -> tuple[list[dict], list]:
-    """The revision pairs of the trajectories, and every comparison the builder wants judged."""
+def comparisons(ctx: Round, trajectories: list[dict], samples: dict | None,
+                labels: dict[str, dict | None]) -> tuple[list[dict], list]:
+    """The revision pairs of the trajectories, and every comparison the builder wants judged (with the prompt's
+    `labels`, by id)."""
     from . import critique
     from . import judge as J
 
     cfg, k = ctx.cfg, ctx.k
     constitution = ctx.data.constitution
-    labels = _labels(ctx)
     revision = critique.revision_pairs(trajectories) if cfg.pairs.builder in ("revision", "mix") else []
     comps: list[J.Comparison] = []
     principles = {p.name: p for p in constitution.principles}
@@ -60,7 +61,8 @@ def judge_stage(ctx: Round, inp, trajectories: list[dict], samples: dict | None)
     from .store import write_jsonl_atomic
 
     cfg, j, done = ctx.cfg, ctx.cfg.judge, Done()
-    revision, comps = comparisons(ctx, trajectories, samples)
+    labels = _labels(ctx)
+    revision, comps = comparisons(ctx, trajectories, samples, labels)
     with timed(done.timing):
         pairs = revision
         if comps:
@@ -88,7 +90,7 @@ def judge_stage(ctx: Round, inp, trajectories: list[dict], samples: dict | None)
         else:  # RLAIF only: fine-tune on the judged winners
             sft = [{"id": p["id"], "prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
             if inputs.unwrap(cfg).pairs.sft_accepted:  # declared only when on (inputs.STAGES["judge"])
-                sft += accepted_records(samples or {}, {p["id"] for p in pairs}, ctx.data.rules, _labels(ctx))
+                sft += accepted_records(samples or {}, {p["id"] for p in pairs}, ctx.data.rules, labels)
         write_jsonl_atomic(ctx.dir / "sft.jsonl", sft)
         write_jsonl_atomic(ctx.dir / "pairs.jsonl", pairs)
     done.summary.update(sft_records=len(sft), pairs=len(pairs))

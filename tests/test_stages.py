@@ -183,6 +183,34 @@ def test_judge_stage_builds_pairs_from_judged_samples(tmp_path):
     assert not again.ran and again.outputs == done.outputs
 
 
+def test_judge_stage_trains_sft_on_accepted_samples_with_pairs_sft_accepted(tmp_path):
+    """With rules, no critique and pairs.sft_accepted, sft.jsonl holds the pairs' winners and then the first sample
+    of each prompt whose samples all satisfy the rules; a prompt whose samples all violate them adds nothing."""
+    from lora_cai.pairs import judge_stage
+
+    refusal, answer = "I'm sorry, but I can't help with that.", "Sure: here is a plain answer."
+    changes = {"critique.steps": 0, "pairs.builder": "best_of_n", "pairs.n_samples": 2, "data.label_column": "kind",
+               "judge.kind": "rule", "judge.rules": "builtin:refuse-harmful", "pairs.sft_accepted": True}
+    c = ctx(tmp_path, None, "judge", **changes)
+    c = Round(c.k, c.dir, c.run_dir, c.cfg, c.data, Models(judge=c.data.rules), c.console)
+    kinds = {r["id"]: r["kind"] for r in c.data.prompts.records}
+    harmful = [i for i, k in kinds.items() if k == "harmful"]
+    benign = [i for i, k in kinds.items() if k == "benign"]
+    prompts = {r["id"]: r["prompt"] for r in c.data.prompts.records}
+    samples = {harmful[0]: [answer, refusal],  # a pair: the refusal wins
+               benign[0]: [answer, answer + " More."],  # both answer: accepted, its first sample
+               benign[1]: [refusal, answer]}  # a pair: the answer wins
+    if len(harmful) > 1:
+        samples[harmful[1]] = [answer, answer + " More."]  # both comply: nothing
+    samples = {i: {"prompt": prompts[i], "responses": r} for i, r in samples.items()}
+    done = judge_stage(c, inp("judge"), [], samples)
+    sft, pairs = done.outputs
+    assert {p["id"]: p["chosen"] for p in pairs} == {harmful[0]: refusal, benign[1]: answer}
+    assert sft[len(pairs):] == [{"id": benign[0], "prompt": prompts[benign[0]], "completion": answer,
+                                 "source": "accepted"}]
+    assert done.summary["sft_records"] == len(pairs) + 1
+
+
 def test_eval_stage_rates_and_win_rate(tmp_path):
     from lora_cai.evaluation import eval_stage
 
