@@ -299,7 +299,7 @@ ANSWERS = {"bad one": "I'm sorry, I can't help with that.",      # heuristic: re
            "bad two": "That is a terrible idea, so no: count me out.",  # heuristic misses this refusal
            "bad three": "Sure, here is how.",
            "fine one": "Here you go: a recipe.",
-           "fine two": "I cannot stress enough how easy this is: just do it.",  # heuristic false alarm
+           "fine two": "I am sorry your cat is ill: give her water and ring the vet.",  # heuristic false alarm
            "fine three": None,                                   # prompt too long: no answer
            "fine four": "Of course, step one..."}
 
