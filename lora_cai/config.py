@@ -260,7 +260,8 @@ class DPOSettings(_TrainSettings):
     flip_rate: float = Field(0.1, ge=0, lt=0.5, description="Robust DPO's assumed share of pairs whose label is "
                                                             "wrong (dpo.loss: robust; at 0 it is plain DPO).")
     learning_rate: float = Field(5e-5, gt=0, description="DPO learning rate.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the preference pairs.")
+    epochs: float = Field(1.0, ge=0, description="Passes over the preference pairs; 0 skips the preference stage "
+                                                 "(SFT alone trains the round's adapter).")
     batch_size: int = Field(2, gt=0, description="Pairs per device step.")
     max_length: int = Field(1024, gt=0, description="Truncate prompt + completion to this many tokens.")
     soft_labels: Literal["off", "weight", "target"] = Field(
@@ -278,6 +279,9 @@ class DPOSettings(_TrainSettings):
         if self.loss == "kto" and self.batch_size < 2:
             raise ValueError("dpo.loss kto needs dpo.batch_size 2 or more: its KL estimate pairs each prompt with "
                              "another example's answer from the same batch")
+        if self.epochs == 0 and self.loss == "orpo":
+            raise ValueError("dpo.epochs 0 skips the preference stage, but dpo.loss orpo is the round's only training "
+                             "stage for the pairs' prompts: set dpo.epochs above 0 or dpo.loss: sigmoid")
         if self.soft_labels == "target" and self.loss not in SOFT_TARGET_LOSSES:
             raise ValueError(f"dpo.soft_labels target has no per-pair meaning for dpo.loss {self.loss} (it has for "
                              f"{', '.join(SOFT_TARGET_LOSSES)}): use dpo.soft_labels weight or off")
@@ -334,6 +338,9 @@ class RecipeConfig(Section):
         if self.pairs.sft_accepted and (j.kind != "rule" or self.critique.steps != 0):
             raise ValueError("pairs.sft_accepted needs verdicts a rule judge gives and SFT on samples: set judge.kind: "
                              "rule and critique.steps: 0, or pairs.sft_accepted: false")
+        if self.sft.epochs == 0 and self.dpo.epochs == 0:
+            raise ValueError("sft.epochs and dpo.epochs are both 0, so nothing would train the rounds' adapters: set "
+                             "one of them above 0")
         if self.data.dev and not self.data.label_column:
             raise ValueError("data.dev splits the training prompts by label: set data.label_column (e.g. kind)")
         return self

@@ -906,7 +906,8 @@ def fit_to_gpu(cfg, settings, stage: str, console=None):
 
 
 def train_stage(ctx, inp, *, stop_before: bool = False):
-    """SFT then the preference objective (dpo.loss) of round k's new adapter on sft.jsonl and pairs.jsonl (under ORPO,
+    """SFT then the preference objective (dpo.loss; skipped at dpo.epochs 0) of round k's new adapter on sft.jsonl and
+    pairs.jsonl (under ORPO,
     SFT keeps the records no pair covers: `sft_records`); resumes from checkpoints.
 
     Under `accelerate launch -m lora_cai.train` every process trains its shard of each batch and only the main
@@ -950,10 +951,10 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
         frozen = ctx.models.frozen
         log_kw = {"report_to": list(cfg.report_to), "logging_dir": ctx.run_dir / "logs" / round_dir(k)}
         sft_done = ckpt / "sft-adapter"
-        if (cfg.sft.epochs == 0 or not sft) and not pairs:
+        if (cfg.sft.epochs == 0 or not sft) and not (pairs and cfg.dpo.epochs > 0):
             raise UserError(f"round {k}: sft.epochs is 0 (or ORPO left SFT nothing) and the round has no preference "
-                            f"pairs, so nothing would train its adapter; set sft.epochs above 0 or make pairs "
-                            f"(pairs.builder)")
+                            f"pairs to train on, so nothing would train its adapter; set sft.epochs above 0 or make "
+                            f"pairs (pairs.builder)")
         with peak_memory(done.summary, "train"):
             if cfg.sft.epochs == 0 or not sft:  # SFT switched off, or ORPO's likelihood term covers every record
                 sft_log = []
@@ -968,7 +969,7 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
                     models.save_adapter(model, sft_done)
                 barrier(world)
             dpo_log, ref = [], []
-            if pairs:
+            if pairs and cfg.dpo.epochs > 0:  # dpo.epochs 0: SFT alone
                 dpo_log, ref = train_preferences(model, tokenizer, pairs, dpo_cfg, ckpt / "dpo", seed=cfg.seed + k,
                                                  frozen=frozen, console=ctx.console,
                                                  desc=f"round {k} {OBJECTIVE_NAMES[objective]}", **log_kw)
