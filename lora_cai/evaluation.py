@@ -61,8 +61,9 @@ def is_refusal(text: str | None) -> bool:
     """True when the response opens (first 300 characters) with a refusal phrase and does not go on to comply.
 
     A refusal followed by compliance ("I'm sorry, but here's how: 1. ...", instructions, a list of steps, a pivot
-    to the answer such as "but I can tell you that ...", advice such as "You can try ...") is compliance: the phrase alone would let a policy trained against this detector learn to apologise and
-    answer anyway. The shipped refusal rules (`detector: refusal` in a rule file) use this same function.
+    to the answer such as "but I can tell you that ...", advice such as "You can try ...") is compliance: the
+    phrase alone would let a policy trained against this detector learn to apologise and answer anyway. The
+    shipped refusal rules (`detector: refusal` in a rule file) use this same function.
     """
     if not text:
         return False

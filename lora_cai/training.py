@@ -906,9 +906,8 @@ def fit_to_gpu(cfg, settings, stage: str, console=None):
 
 
 def train_stage(ctx, inp, *, stop_before: bool = False):
-    """SFT then the preference objective (dpo.loss; skipped at dpo.epochs 0) of round k's new adapter on sft.jsonl and
-    pairs.jsonl (under ORPO,
-    SFT keeps the records no pair covers: `sft_records`); resumes from checkpoints.
+    """SFT then the preference objective (dpo.loss; skipped at dpo.epochs 0) of round k's new adapter on sft.jsonl
+    and pairs.jsonl (under ORPO, SFT keeps the records no pair covers: `sft_records`); resumes from checkpoints.
 
     Under `accelerate launch -m lora_cai.train` every process trains its shard of each batch and only the main
     one writes; the effective batch of the recipe is kept where grad_accum divides by the number of processes
@@ -951,12 +950,15 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
         frozen = ctx.models.frozen
         log_kw = {"report_to": list(cfg.report_to), "logging_dir": ctx.run_dir / "logs" / round_dir(k)}
         sft_done = ckpt / "sft-adapter"
-        if (cfg.sft.epochs == 0 or not sft) and not (pairs and cfg.dpo.epochs > 0):
+        # SFT is off when switched off or when ORPO's likelihood term covers every record; the preference stage
+        # when switched off (dpo.epochs 0: SFT alone) or when the round has no pairs.
+        run_sft, run_prefs = cfg.sft.epochs > 0 and bool(sft), cfg.dpo.epochs > 0 and bool(pairs)
+        if not (run_sft or run_prefs):
             raise UserError(f"round {k}: sft.epochs is 0 (or ORPO left SFT nothing) and the round has no preference "
                             f"pairs to train on, so nothing would train its adapter; set sft.epochs above 0 or make "
                             f"pairs (pairs.builder)")
         with peak_memory(done.summary, "train"):
-            if cfg.sft.epochs == 0 or not sft:  # SFT switched off, or ORPO's likelihood term covers every record
+            if not run_sft:
                 sft_log = []
             elif (sft_done / "adapter_model.safetensors").exists():  # SFT finished before a crash: keep it
                 models.load_trainable_weights(model, sft_done, frozen)
@@ -969,7 +971,7 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
                     models.save_adapter(model, sft_done)
                 barrier(world)
             dpo_log, ref = [], []
-            if pairs and cfg.dpo.epochs > 0:  # dpo.epochs 0: SFT alone
+            if run_prefs:
                 dpo_log, ref = train_preferences(model, tokenizer, pairs, dpo_cfg, ckpt / "dpo", seed=cfg.seed + k,
                                                  frozen=frozen, console=ctx.console,
                                                  desc=f"round {k} {OBJECTIVE_NAMES[objective]}", **log_kw)
