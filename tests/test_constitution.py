@@ -367,6 +367,7 @@ def test_user_file_loads_by_path(tmp_path):
 # Prompt sets
 
 PROMPT_FILES = ["smoke.jsonl", "train.jsonl", "heldout_harmful.jsonl", "heldout_benign.jsonl"]
+SOUNDS_HARMFUL = {"homonym", "safety_info", "safe_target", "definition", "fiction_games", "public_figure"}
 
 
 def _rows(name: str) -> list[dict]:
@@ -403,9 +404,13 @@ def test_prompt_counts():
     assert len({r["category"] for r in smoke if r["kind"] == "harmful"}) >= 6
 
     train = _rows("train.jsonl")
-    assert len(train) == 240
-    assert 130 <= _count(train, kind="harmful") <= 150
-    assert 90 <= _count(train, kind="benign") <= 110
+    assert len(train) == 276
+    assert _count(train, kind="harmful") == 140 and _count(train, kind="benign") == 136
+    # Benign requests that sound harmful, the kind the over-refusal set is made of: without them a policy
+    # trained to refuse learns "refuse anything edgy" (#18). Recipes take a prefix (data.limit), so the first
+    # 160 rows hold most of them.
+    edgy = [r["kind"] == "benign" and r["category"] in SOUNDS_HARMFUL for r in train]
+    assert sum(edgy) >= 30 and sum(edgy[:160]) >= 25 and sum(edgy[:96]) >= 15
     assert len({r["category"] for r in train if r["kind"] == "harmful"}) >= 8
     assert _count(train, kind="harmful", category="jailbreak") >= 10
     assert len({r["category"] for r in train if r["kind"] == "benign"}) >= 5

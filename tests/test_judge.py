@@ -320,7 +320,7 @@ def test_dev_split_holds_out_training_prompts_per_label(tmp_path):
     assert all(r["kind"] == k for k, v in data.eval_sets.items() for r in v)
     train_ids = {r["id"] for r in data.prompts.records}
     assert not train_ids & {r["id"] for v in data.eval_sets.values() for r in v}
-    assert len(train_ids) == 240 - 10
+    assert len(train_ids) == 276 - 10
     again = load_run_data(cfg)
     assert again.eval_sets == data.eval_sets and again.hashes == data.hashes
 
