@@ -30,6 +30,7 @@ def test_rule_violations_at_least_halve_within_two_rounds(tiny_model, tmp_path):
     base = json.loads((run / "baseline-eval.json").read_text())
     after = json.loads((run / "round-2" / "eval.json").read_text())
     assert base["violation_samples"] == after["violation_samples"] == 128
+    print(f"rule-demo: violation rate {base['violation_rate']:.3f} -> {after['violation_rate']:.3f}")
     assert base["violation_rate"] >= 0.1  # the rule bites the base model
     assert after["violation_rate"] <= 0.5 * base["violation_rate"], (base["violation_rate"], after["violation_rate"])
     m = json.loads((run / "manifest.json").read_text())
@@ -64,6 +65,7 @@ def test_a_rule_for_one_label_is_learned_on_that_label(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     base = json.loads((run / "baseline-eval.json").read_text())["violation_rate_by_set"]
     after = json.loads((run / "round-2" / "eval.json").read_text())["violation_rate_by_set"]
+    print(f"benign-only rule: benign violation rate {base['benign']:.3f} -> {after['benign']:.3f}")
     assert base["harmful"] == after["harmful"] == 0  # the rule never applies there
     assert base["benign"] >= 0.1 and after["benign"] <= 0.75 * base["benign"], (base, after)
     from lora_cai.data import load_prompts
