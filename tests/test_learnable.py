@@ -54,8 +54,8 @@ def test_a_rule_for_one_label_is_learned_on_that_label(tiny_model, tmp_path):
     """The same rule applied only to benign prompts (`when: {kind: benign}`): harmful prompts' samples all tie and
     make no pairs, and the violation rate on the benign held-out prompts falls by a quarter or more.
 
-    Measured on 40 benign held-out prompts x 4 samples (data.eval_limit 64): 18.8 % -> 10.6 % (with the bfloat16
-    adapters TRL's trainers used to make, 12.5 %). With the recipe's 16 held-out prompts this test once asked
+    Measured on 40 benign held-out prompts x 4 samples (data.eval_limit 64): 18.8 % -> 9.4 % (10.6 % before
+    builtin:train's prompts changed; with the bfloat16 adapters TRL's trainers used to make, 12.5 %). With the recipe's 16 held-out prompts this test once asked
     for a halving, which 64 samples could not tell from noise (17.2 % -> 7.8 %, then 9.4 %: one sample apart)."""
     rules = tmp_path / "no-ful-benign.yaml"
     rules.write_text("- {name: no-ful-on-benign, pattern: ful, kind: forbid, when: {kind: benign}}\n")
@@ -95,7 +95,7 @@ def test_each_preference_objective_teaches_the_rule_without_sft(objective, tiny_
 def test_sft_alone_trains_the_adapter_and_no_preference_step_runs(tiny_model, tmp_path):
     """dpo.epochs 0 switches the preference stage off: the round still makes pairs (their winners are the SFT
     records), SFT alone trains the new adapter, and no DPO step runs. (On this task SFT alone moved the violation
-    rate 18.8 % -> 15.6 % in two rounds, well short of the halving each preference objective gives: the losers
+    rate 18.8 % -> 16.4 % in two rounds, well short of the halving each preference objective gives: the losers
     carry the signal.)"""
     from safetensors.torch import load_file
 
