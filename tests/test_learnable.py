@@ -55,8 +55,9 @@ def test_a_rule_for_one_label_is_learned_on_that_label(tiny_model, tmp_path):
     make no pairs, and the violation rate on the benign held-out prompts falls by a quarter or more.
 
     Measured on 40 benign held-out prompts x 4 samples (data.eval_limit 64): 18.8 % -> 9.4 % (10.6 % before
-    builtin:train's prompts changed; with the bfloat16 adapters TRL's trainers used to make, 12.5 %). With the recipe's 16 held-out prompts this test once asked
-    for a halving, which 64 samples could not tell from noise (17.2 % -> 7.8 %, then 9.4 %: one sample apart)."""
+    builtin:train's prompts changed; with the bfloat16 adapters TRL's trainers used to make, 12.5 %). With the
+    recipe's 16 held-out prompts this test once asked for a halving, which 64 samples could not tell from noise
+    (17.2 % -> 7.8 %, then 9.4 %: one sample apart)."""
     rules = tmp_path / "no-ful-benign.yaml"
     rules.write_text("- {name: no-ful-on-benign, pattern: ful, kind: forbid, when: {kind: benign}}\n")
     run = tmp_path / "run"
