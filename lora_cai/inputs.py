@@ -108,7 +108,7 @@ STAGES: dict[str, Decl] = {
         data=("constitution", "canaries"), uses=(*GENERATOR_USES, *API_USES, "eval.critic_check", "critique.steps"),
         exists=lambda c: c.eval.critic_check and c.critique.steps > 0, per_round=False),
     "baseline_eval": Decl(
-        settings=EVAL, data=("eval_sets", "capability", "rules"), uses=EVAL_USES,
+        settings=EVAL, data=("eval_sets", "capability", "rules", "refusal_detector"), uses=EVAL_USES,
         exists=lambda c: c.data.eval_limit > 0, per_round=False),
     "responses": Decl(
         settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed"),
@@ -117,7 +117,8 @@ STAGES: dict[str, Decl] = {
         settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
                   "pairs.n_samples", "pairs.sample_demonstrations",
                   If(lambda c: c.pairs.sample_demonstrations > 0, "pairs.contrast")),
-        data=(If(lambda c: c.pairs.sample_demonstrations > 0, "constitution"),),
+        data=(If(lambda c: c.pairs.sample_demonstrations > 0, "constitution"),
+              If(lambda c: c.pairs.sample_demonstrations > 0 and c.pairs.contrast, "refusal_detector")),
         after=("responses",), uses=(*GENERATOR_USES, "pairs.builder"),
         exists=lambda c: c.pairs.builder != "revision"),
     "critique": Decl(
@@ -131,7 +132,7 @@ STAGES: dict[str, Decl] = {
                   "judge.chain_of_thought", If(lambda c: c.judge.chain_of_thought, "judge.cot_max_new_tokens"),
                   "judge.cross_check_self", *JUDGE, "seed",
                   If(lambda c: c.judge.cross_check_self and c.judge.kind in ("teacher", "api"), *MODEL, *LOCAL_BATCH)),
-        data=("constitution", "rules"), after=("responses", "samples", "critique"),
+        data=("constitution", "rules", If(_judge("rule"), "refusal_detector")), after=("responses", "samples", "critique"),
         uses=(*EVAL_USES, "generation.max_batch_size")),  # with rules or a server: only the commit batch size
     "train": Decl(
         settings=(*MODEL, "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "seed", "vram_gb",
@@ -147,7 +148,8 @@ STAGES: dict[str, Decl] = {
         data=("helpful",), after=("judge",),
         uses=("model.trust_remote_code", "sft.save_steps", "dpo.save_steps", "report_to", "sft.helpful_fraction")),
     "eval": Decl(
-        settings=(*EVAL, "eval.win_rate"), data=("eval_sets", "capability", "rules"), after=("train", "previous"),
+        settings=(*EVAL, "eval.win_rate"), data=("eval_sets", "capability", "rules", "refusal_detector"),
+        after=("train", "previous"),
         uses=EVAL_USES, exists=lambda c: c.data.eval_limit > 0),
 }
 ROUND_STAGES = tuple(name for name, d in STAGES.items() if d.per_round)
@@ -166,6 +168,7 @@ DATA_KEYS = {
     "capability": ("eval.capability", "eval.capability_limit"),
     "rules": (JUDGE_DATA_RULES,),
     "canaries": (),
+    "refusal_detector": (),  # evaluation.REFUSAL_DETECTOR_VERSION: a changed detector re-judges and re-evaluates
 }
 # What the round loop reads: how many rounds, when to stop early. They decide which stages run (an early stop
 # changes the next round's stack, and so its hashes), not what a stage computes.

@@ -212,11 +212,11 @@ class Rule:
     def applies(self, labels: dict | None) -> bool:
         return self.when is None or (labels or {}).get(self.when[0]) in self.when[1]
 
-    def violations(self, text: str) -> int:
+    def violations(self, text: str, prompt: str | None = None) -> int:
         if self.detector == "refusal":
             from .evaluation import is_refusal
 
-            hit = int(is_refusal(text))
+            hit = int(is_refusal(text, prompt))
             return hit if self.kind == "forbid" else 1 - hit
         if self.kind == "forbid":
             return len(self.pattern.findall(text))
@@ -266,12 +266,13 @@ class RuleJudge:
             raise UserError(f"{path}: {problems(found)}")
         return cls(rules)
 
-    def violations(self, text: str | None, labels: dict | None = None) -> int:
+    def violations(self, text: str | None, labels: dict | None = None, prompt: str | None = None) -> int:
+        """`prompt` lets the refusal detector see a pivot back to the request; patterns ignore it."""
         text = text or ""
-        return sum(r.violations(text) for r in self.rules if r.applies(labels))
+        return sum(r.violations(text, prompt) for r in self.rules if r.applies(labels))
 
-    def compare(self, a: str, b: str, labels: dict | None = None) -> float:
-        va, vb = self.violations(a, labels), self.violations(b, labels)
+    def compare(self, a: str, b: str, labels: dict | None = None, prompt: str | None = None) -> float:
+        va, vb = self.violations(a, labels, prompt), self.violations(b, labels, prompt)
         return 1.0 if va < vb else 0.0 if va > vb else 0.5
 
 
@@ -324,7 +325,7 @@ def judge_comparisons(judge, comparisons: list[Comparison], *, cot_generator=Non
     """
     if isinstance(judge, RuleJudge):
         return [_record(c, judge.kind, p, p, False) for c in comparisons
-                for p in [judge.compare(c.a, c.b, c.labels)]]
+                for p in [judge.compare(c.a, c.b, c.labels, c.prompt)]]
     convs = []
     for c in comparisons:
         convs.append(judge_messages(c.question, c.prompt, c.a, c.b, cot=cot_generator is not None))

@@ -49,7 +49,7 @@ def accepted_records(samples: dict[str, dict], paired: set[str], rules, labels: 
     out = []
     for pid, s in samples.items():
         texts = s["responses"]
-        if pid in paired or not texts or any(rules.violations(t, labels.get(pid)) for t in texts):
+        if pid in paired or not texts or any(rules.violations(t, labels.get(pid), s["prompt"]) for t in texts):
             continue
         out.append({"id": pid, "prompt": s["prompt"], "completion": texts[0], "source": "accepted"})
     return out

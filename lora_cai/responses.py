@@ -36,7 +36,7 @@ def responses_stage(ctx: Round, inp) -> Done:
         labels = {r["id"]: labels_of(r, cfg.data.label_column) for r in ctx.data.prompts.records}
         answered = [r for r in responses if r["response"] is not None]
         done.summary["response_violation_rate"] = (
-            sum(ctx.data.rules.violations(r["response"], labels[r["id"]]) > 0 for r in answered) / len(answered)
+            sum(ctx.data.rules.violations(r["response"], labels[r["id"]], r["prompt"]) > 0 for r in answered) / len(answered)
             if answered else None)
     return done
 
@@ -85,8 +85,8 @@ def sample_contexts(constitution, n: int, contrast: bool) -> list[list[dict]]:
     if not contrast:
         return [_turns(constitution.demonstrations[:n])]
     demos = constitution.demonstrations[:n]
-    refusing = [d for d in demos if is_refusal(d.revision)]
-    answering = [d for d in demos if not is_refusal(d.revision)]
+    refusing = [d for d in demos if is_refusal(d.revision, d.prompt)]
+    answering = [d for d in demos if not is_refusal(d.revision, d.prompt)]
     if not refusing or not answering:
         raise UserError(f"pairs.contrast: the first {n} demonstrations of constitution {constitution.name!r} need "
                         f"at least one that refuses and one that answers (found {len(refusing)} and "

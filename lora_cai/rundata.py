@@ -43,7 +43,7 @@ def load_constitution_of(cfg):
 def load_run_data(cfg) -> RunData:
     """Everything the stages read besides the recipe's settings, read once; a bad file fails now, not after hours."""
     from .data import load_helpful, load_prompts
-    from .evaluation import load_canaries, load_capability
+    from .evaluation import REFUSAL_DETECTOR_VERSION, load_canaries, load_capability
     from .store import content_hash
 
     constitution = load_constitution_of(cfg)
@@ -82,7 +82,7 @@ def load_run_data(cfg) -> RunData:
     data.hashes = {"prompts": content_hash(prompts.records), "eval_sets": content_hash(eval_sets),
                    "helpful": content_hash(helpful), "constitution": constitution.hash(),
                    "rules": content_hash(rules_text), "capability": content_hash(capability),
-                   "canaries": content_hash(canaries)}
+                   "canaries": content_hash(canaries), "refusal_detector": content_hash(REFUSAL_DETECTOR_VERSION)}
     return data
 
 

@@ -214,6 +214,24 @@ def test_declarations_name_real_keys_and_the_ones_that_matter():
     assert {"judge.top_logprobs"} <= inputs.hashed_keys("judge", config("api"))
 
 
+@pytest.mark.parametrize("base", ["self", "rule"])
+def test_a_changed_refusal_detector_reruns_what_decides_refusals(base):
+    """evaluation.REFUSAL_DETECTOR_VERSION is an input of the evaluations, of contrastive sampling (it sorts the
+    demonstrations) and of a rule judge (its rules may use the detector), and of nothing else."""
+    from lora_cai.rounds import all_inputs
+
+    cfg = config(base, {"pairs.builder": "best_of_n", "pairs.sample_demonstrations": 5, "pairs.n_samples": 3,
+                        "pairs.contrast": True, "critique.steps": 0})
+    data = FakeData(cfg)
+    p1 = all_inputs(cfg, data, None)
+    data.hashes["refusal_detector"] = "a later detector"
+    p2 = all_inputs(cfg, data, None)
+    reran = {k for k in p1 if (p1[k] and p1[k].hash) != (p2[k] and p2[k].hash)}
+    readers = {"baseline_eval", "round-1/samples", "round-1/eval"} | ({"round-1/judge"} if base == "rule" else set())
+    assert reran == {k for k in downstream(readers, cfg.rounds) if p1.get(k)}
+    assert p2["baseline_eval"].changed_since(p1["baseline_eval"].by_input) == ["data:refusal_detector"]
+
+
 def test_prompt_labels_are_in_the_prompts_hash(tmp_path):
     from lora_cai.rundata import load_run_data
 
