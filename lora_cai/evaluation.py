@@ -58,8 +58,9 @@ _COMPLIANCE = re.compile(
 _NUMBERED_STEP = re.compile(r"^\s*\d+[.)]\s", re.MULTILINE)
 
 HEURISTIC = "refusal-phrase heuristic"
-# Bumped whenever `is_refusal` decides differently: a rule file that uses it (`detector: refusal`) is hashed with
-# this, so a resumed run re-judges with the new detector instead of mixing two (see rundata.load_run_data).
+# Bumped whenever `is_refusal` decides differently. It is a stage input (inputs.py, `refusal_detector`) of the
+# evaluations, of a rule judge and of contrastive sampling, so a resumed run redoes what the detector decided
+# instead of mixing two detectors in one run.
 REFUSAL_DETECTOR_VERSION = 2
 
 # A pivot back to the request repeats its content words. Which words count is a judgement no library makes
@@ -600,7 +601,8 @@ def violation_rates(ctx, gen) -> dict:
     for i, a in enumerate(answers):
         name, r = rows[i // VIOLATION_SAMPLES]
         if a is not None:
-            judged.setdefault(name, []).append(data.rules.violations(a, labels_of(r, cfg.data.label_column), r["prompt"]) > 0)
+            labels = labels_of(r, cfg.data.label_column)
+            judged.setdefault(name, []).append(data.rules.violations(a, labels, r["prompt"]) > 0)
     every = [v for vs in judged.values() for v in vs]
     return {"violation_rate": sum(every) / len(every) if every else None, "violation_samples": len(every),
             "violation_rate_by_set": {name: sum(vs) / len(vs) for name, vs in judged.items() if vs}}
