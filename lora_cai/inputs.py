@@ -132,7 +132,8 @@ STAGES: dict[str, Decl] = {
                   "judge.chain_of_thought", If(lambda c: c.judge.chain_of_thought, "judge.cot_max_new_tokens"),
                   "judge.cross_check_self", *JUDGE, "seed",
                   If(lambda c: c.judge.cross_check_self and c.judge.kind in ("teacher", "api"), *MODEL, *LOCAL_BATCH)),
-        data=("constitution", "rules", If(_judge("rule"), "refusal_detector")), after=("responses", "samples", "critique"),
+        data=("constitution", "rules", If(_judge("rule"), "refusal_detector")),
+        after=("responses", "samples", "critique"),
         uses=(*EVAL_USES, "generation.max_batch_size")),  # with rules or a server: only the commit batch size
     "train": Decl(
         settings=(*MODEL, "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "seed", "vram_gb",

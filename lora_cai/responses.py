@@ -35,9 +35,8 @@ def responses_stage(ctx: Round, inp) -> Done:
 
         labels = {r["id"]: labels_of(r, cfg.data.label_column) for r in ctx.data.prompts.records}
         answered = [r for r in responses if r["response"] is not None]
-        done.summary["response_violation_rate"] = (
-            sum(ctx.data.rules.violations(r["response"], labels[r["id"]], r["prompt"]) > 0 for r in answered) / len(answered)
-            if answered else None)
+        violating = sum(ctx.data.rules.violations(r["response"], labels[r["id"]], r["prompt"]) > 0 for r in answered)
+        done.summary["response_violation_rate"] = violating / len(answered) if answered else None
     return done
 
 
