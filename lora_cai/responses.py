@@ -84,8 +84,9 @@ def sample_contexts(constitution, n: int, contrast: bool) -> list[list[dict]]:
     if not contrast:
         return [_turns(constitution.demonstrations[:n])]
     demos = constitution.demonstrations[:n]
-    refusing = [d for d in demos if is_refusal(d.revision, d.prompt)]
-    answering = [d for d in demos if not is_refusal(d.revision, d.prompt)]
+    refuses = [is_refusal(d.revision, d.prompt) for d in demos]
+    refusing = [d for d, r in zip(demos, refuses) if r]
+    answering = [d for d, r in zip(demos, refuses) if not r]
     if not refusing or not answering:
         raise UserError(f"pairs.contrast: the first {n} demonstrations of constitution {constitution.name!r} need "
                         f"at least one that refuses and one that answers (found {len(refusing)} and "
