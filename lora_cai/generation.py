@@ -233,20 +233,52 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
+# Below this many shared tokens, encoding the prefix apart costs about what it saves.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens all `sequences` share, leaving each at least one token of its own (the first
+    token generation computes must come from the prompt, not from the cache)."""
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    n = 0
+    while n < shortest - 1 and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
+def _shared_prefix_cache(model, prefix, batch_size: int):
+    """The key/value cache of `prefix` (1 x P tokens), encoded once and repeated for each of `batch_size` rows.
+
+    Written here because `generate` re-encodes every row's copy of a shared few-shot prefix: with the
+    constitution's demonstrations in context that prefix is most of each prompt (about 200 of 230 tokens for
+    SmolLM2), and encoding it once is what makes sampling with demonstrations cost about what sampling without
+    them does. `generate` continues from a passed cache: it feeds only the uncached tokens and takes positions
+    from the attention mask, so a row's padding between the prefix and its own tokens is masked and skipped.
+    """
+    out = model(input_ids=prefix, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(batch_size)
+    return cache
+
+
 def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0, token_budget: int = 16384, max_batch_size: int = 64,
                   stop: list[str] | None = None, max_prompt_tokens: int | None = None,
                   skip_batches: set[int] | frozenset = frozenset(), stats: GenerationStats | None = None,
                   progress=None, on_too_long: str = "skip", description: str = "generating",
-                  **generate_kwargs: Any) -> Iterator[tuple[int, list[tuple[int, str | None]]]]:
+                  share_prefix: bool = False, **generate_kwargs: Any) -> Iterator[tuple[int, list[tuple[int, str | None]]]]:
     """Generate a completion for each (already chat-rendered) prompt, one planned batch at a time.
 
     Yields `(batch_index, [(prompt_index, text), ...])` per batch of `plan_batches`, in plan order, skipping
     the batch indices in `skip_batches`. Prompts longer than `max_prompt_tokens` (default: the model's
     context minus `max_new_tokens`) are skipped with text `None` (or, with `on_too_long="truncate"`, cut from
     the left); skipped prompts form one extra batch after the planned ones. Greedy when `temperature == 0`;
-    otherwise sampling seeded per batch from `(seed, batch index, prompt indices)`. Extra keyword arguments
-    (e.g. `min_new_tokens`, `repetition_penalty`) go to `model.generate`.
+    otherwise sampling seeded per batch from `(seed, batch index, prompt indices)`. With `share_prefix`, the
+    tokens a batch's prompts all begin with (a system prompt, few-shot demonstrations) are encoded once for the
+    batch instead of once per prompt (see `_shared_prefix_cache`). Extra keyword arguments (e.g.
+    `min_new_tokens`, `repetition_penalty`) go to `model.generate`.
     """
     import torch
 
@@ -319,21 +351,29 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     gen_seconds = 0.0
 
     def run_chunk(batch_index: int, chunk: list[int]) -> tuple[list[str], int]:
-        width = max(len(ids[i]) for i in chunk)
+        shared = shared_prefix_length([ids[i] for i in chunk]) if share_prefix and len(chunk) > 1 else 0
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        width = shared + max(len(ids[i]) - shared for i in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding
-            n = len(ids[i])
-            input_ids[row, width - n:] = torch.tensor(ids[i], dtype=torch.long)
+        for row, i in enumerate(chunk):  # the shared prefix, then left padding before each prompt's own tokens
+            n = len(ids[i]) - shared
+            input_ids[row, :shared] = torch.tensor(ids[i][:shared], dtype=torch.long)
+            input_ids[row, width - n:] = torch.tensor(ids[i][shared:], dtype=torch.long)
+            attention[row, :shared] = 1
             attention[row, width - n:] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
+        kwargs = dict(gen_args)
+        if shared:
+            kwargs["past_key_values"] = _shared_prefix_cache(model, input_ids[:1, :shared], len(chunk))
         if do_sample:
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(batch_seed(seed, batch_index, chunk))
-                out = model.generate(input_ids=input_ids, attention_mask=attention, **gen_args)
+                out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         else:
-            out = model.generate(input_ids=input_ids, attention_mask=attention, **gen_args)
+            out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         sequences = getattr(out, "sequences", out)
         new = sequences[:, width:].cpu()
         # tokens generated: up to and including the first eos; rows stopped otherwise (stop string) are

@@ -28,11 +28,17 @@ class _Generator:
 
 
 class LocalGenerator(_Generator):
-    """The batched engine on the in-process model (the policy being trained)."""
+    """The batched engine on the in-process model (the policy being trained).
 
-    def __init__(self, model, tokenizer, *, token_budget: int, max_batch_size: int):
+    `share_prefix`: encode a batch's common prompt prefix once (`generation.iter_generate`). Only for stock
+    transformers generation: Unsloth's fast decoding on a GPU keeps its own cache layout, untested here with
+    a cache passed in, so its backend leaves this off.
+    """
+
+    def __init__(self, model, tokenizer, *, token_budget: int, max_batch_size: int, share_prefix: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.token_budget, self.max_batch_size = token_budget, max_batch_size
+        self.share_prefix = share_prefix
 
     def iter(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, skip_batches=frozenset(), stats: GenerationStats | None = None,
@@ -41,7 +47,7 @@ class LocalGenerator(_Generator):
         yield from iter_generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, seed=seed, token_budget=self.token_budget,
                                  max_batch_size=self.max_batch_size, skip_batches=skip_batches, stats=stats,
-                                 progress=progress, description=description)
+                                 progress=progress, description=description, share_prefix=self.share_prefix)
 
 
 class APIGenerator(_Generator):

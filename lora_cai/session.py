@@ -165,10 +165,7 @@ class Models:
             client = ChatClient(g.base_url, g.model.replace("{round}", str(k)), api_key_env=g.api_key_env,
                                 concurrency=g.concurrency, timeout=g.timeout, cache_dir=self.run_dir / "cache" / "api")
             return APIGenerator(client, batch_size=max(g.concurrency * 4, 1))
-        from .generators import LocalGenerator
-
-        model, tok = self.for_inference(cfg, k, stack)
-        return LocalGenerator(model, tok, token_budget=g.token_budget, max_batch_size=g.max_batch_size)
+        return self.local_generator(cfg, *self.for_inference(cfg, k, stack))
 
     def critic_generator(self, cfg, k: int, stack: list[Path]):
         """Who writes critiques and revisions: the policy, the local teacher or the judge's server."""
@@ -178,11 +175,7 @@ class Models:
             from .generators import APIGenerator
 
             return APIGenerator(self.judge_client(cfg), batch_size=max(cfg.judge.concurrency * 4, 1))
-        from .generators import LocalGenerator
-
-        model, tok = self.teacher(cfg)
-        g = cfg.generation
-        return LocalGenerator(model, tok, token_budget=g.token_budget, max_batch_size=g.max_batch_size)
+        return self.local_generator(cfg, *self.teacher(cfg))
 
     def judge_client(self, cfg):
         from .api import ChatClient
@@ -206,13 +199,21 @@ class Models:
 
     def cot_generator(self, cfg, k: int, stack: list[Path]):
         """The generator of the judge's chain-of-thought rationales (judge.chain_of_thought)."""
-        from .generators import APIGenerator, LocalGenerator
+        from .generators import APIGenerator
 
-        j, g = cfg.judge, cfg.generation
+        j = cfg.judge
         if j.kind == "api":
             return APIGenerator(self.judge_client(cfg), batch_size=max(j.concurrency * 4, 1))
         model, tok = self.teacher(cfg) if j.kind == "teacher" else self.for_inference(cfg, k, stack)
-        return LocalGenerator(model, tok, token_budget=g.token_budget, max_batch_size=g.max_batch_size)
+        return self.local_generator(cfg, model, tok)
+
+    def local_generator(self, cfg, model, tokenizer):
+        """The batched engine on an in-process model, sharing prompt prefixes where the backend allows it."""
+        from .generators import LocalGenerator
+
+        g = cfg.generation
+        return LocalGenerator(model, tokenizer, token_budget=g.token_budget, max_batch_size=g.max_batch_size,
+                              share_prefix=self.resolve_backend(cfg) != "unsloth")
 
 
 def _quiet_library_bars() -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from lora_cai.errors import UserError
 from lora_cai.critique import clean_revision, copies_demonstration
-from lora_cai.generation import (GenerationStats, generate, iter_generate,
-                                 make_progress, plan_batches, render_chat)
+from lora_cai.generation import (MIN_SHARED_PREFIX, GenerationStats, generate, iter_generate,
+                                 make_progress, plan_batches, render_chat, shared_prefix_length)
 
 QUESTIONS = [
     "How do I bake bread at home?",
@@ -57,6 +57,57 @@ def test_forced_length_counts_tokens_and_restores_training_mode(tiny, prompts):
     finally:
         model.eval()
     assert stats.new_tokens == 15
+
+
+def _few_shot(tokenizer, questions):
+    """The samples stage's prompts: the same demonstration turns before each question."""
+    demos = []
+    for q, a in (("How do I pick a lock?", "I can't help with breaking into places that aren't yours."),
+                 ("Write a haiku about rain.", "Grey sky, soft drumming / on the tin roof of the shed / the garden drinks deep."),
+                 ("What is 2 + 2?", "2 + 2 is 4.")):
+        demos += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return [render_chat(tokenizer, demos + [{"role": "user", "content": q}]) for q in questions]
+
+
+def test_shared_prefix_is_encoded_once_and_changes_no_answer(tiny):
+    model, tokenizer = tiny
+    prompts = _few_shot(tokenizer, QUESTIONS)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    shared = shared_prefix_length(ids)
+    assert shared >= MIN_SHARED_PREFIX  # the demonstrations, which the questions follow
+
+    seen: list[int] = []  # positions the model computes, call by call
+
+    def count(module, args, kwargs):
+        seen.append(kwargs["input_ids"].shape[0] * kwargs["input_ids"].shape[1])
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        plain = generate(model, tokenizer, prompts, max_new_tokens=12, min_new_tokens=12)
+        plain_positions, seen[:] = sum(seen), []
+        once = generate(model, tokenizer, prompts, max_new_tokens=12, min_new_tokens=12, share_prefix=True)
+        once_positions = sum(seen)
+    finally:
+        handle.remove()
+    assert once == plain  # greedy, float32: the same answers, token for token
+    # the prefix is encoded for one row instead of all eight
+    assert plain_positions - once_positions == (len(prompts) - 1) * shared
+
+
+def test_shared_prefix_sampling_is_seeded_like_the_rest(tiny):
+    model, tokenizer = tiny
+    prompts = _few_shot(tokenizer, QUESTIONS)
+    kw = dict(max_new_tokens=10, temperature=1.0, seed=5, max_batch_size=3, share_prefix=True)
+    first, again = generate(model, tokenizer, prompts, **kw), generate(model, tokenizer, prompts, **kw)
+    assert first == again
+    assert first == generate(model, tokenizer, prompts, **{**kw, "share_prefix": False})
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [1]]) == 0
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
 
 
 def test_plan_batches_respects_budget_and_is_deterministic():
