@@ -253,12 +253,16 @@ def _shared_prefix_cache(model, prefix, batch_size: int):
 
     Written here because `generate` re-encodes every row's copy of a shared few-shot prefix: with the
     constitution's demonstrations in context that prefix is most of each prompt (about 200 of 230 tokens for
-    SmolLM2), and encoding it once is what makes sampling with demonstrations cost about what sampling without
-    them does. `generate` continues from a passed cache: it feeds only the uncached tokens and takes positions
+    SmolLM2); encoding it once saves that prefill for every row but one (decoding still attends over it:
+    `benchmarks/bench_prefix_cache.py` measures the whole). `generate` continues from a passed cache: it feeds only the uncached tokens and takes positions
     from the attention mask, so a row's padding between the prefix and its own tokens is masked and skipped.
+
+    Returns None for a model whose cache cannot be repeated across a batch (a state-space or other custom
+    cache): its batches encode every row whole, as without `share_prefix`.
     """
-    out = model(input_ids=prefix, use_cache=True)
-    cache = out.past_key_values
+    cache = model(input_ids=prefix, use_cache=True).past_key_values
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
     cache.batch_repeat_interleave(batch_size)
     return cache
 
@@ -352,7 +356,11 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
 
     def run_chunk(batch_index: int, chunk: list[int]) -> tuple[list[str], int]:
         shared = shared_prefix_length([ids[i] for i in chunk]) if share_prefix and len(chunk) > 1 else 0
-        if shared < MIN_SHARED_PREFIX:
+        cache = None
+        if shared >= MIN_SHARED_PREFIX:
+            prefix = torch.tensor([ids[chunk[0]][:shared]], dtype=torch.long, device=device)
+            cache = _shared_prefix_cache(model, prefix, len(chunk))
+        if cache is None:
             shared = 0
         width = shared + max(len(ids[i]) - shared for i in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -364,9 +372,7 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
             attention[row, :shared] = 1
             attention[row, width - n:] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        kwargs = dict(gen_args)
-        if shared:
-            kwargs["past_key_values"] = _shared_prefix_cache(model, input_ids[:1, :shared], len(chunk))
+        kwargs = dict(gen_args, past_key_values=cache) if cache is not None else gen_args
         if do_sample:
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
