@@ -254,8 +254,9 @@ def _shared_prefix_cache(model, prefix, batch_size: int):
     Written here because `generate` re-encodes every row's copy of a shared few-shot prefix: with the
     constitution's demonstrations in context that prefix is most of each prompt (about 200 of 230 tokens for
     SmolLM2); encoding it once saves that prefill for every row but one (decoding still attends over it:
-    `benchmarks/bench_prefix_cache.py` measures the whole). `generate` continues from a passed cache: it feeds only the uncached tokens and takes positions
-    from the attention mask, so a row's padding between the prefix and its own tokens is masked and skipped.
+    `benchmarks/bench_prefix_cache.py` measures the whole). `generate` continues from a passed cache: it feeds
+    only the uncached tokens and takes positions from the attention mask, so a row's padding between the prefix
+    and its own tokens is masked and skipped.
 
     Returns None for a model whose cache cannot be repeated across a batch (a state-space or other custom
     cache): its batches encode every row whole, as without `share_prefix`.
@@ -272,7 +273,8 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
                   stop: list[str] | None = None, max_prompt_tokens: int | None = None,
                   skip_batches: set[int] | frozenset = frozenset(), stats: GenerationStats | None = None,
                   progress=None, on_too_long: str = "skip", description: str = "generating",
-                  share_prefix: bool = False, **generate_kwargs: Any) -> Iterator[tuple[int, list[tuple[int, str | None]]]]:
+                  share_prefix: bool = False,
+                  **generate_kwargs: Any) -> Iterator[tuple[int, list[tuple[int, str | None]]]]:
     """Generate a completion for each (already chat-rendered) prompt, one planned batch at a time.
 
     Yields `(batch_index, [(prompt_index, text), ...])` per batch of `plan_batches`, in plan order, skipping

@@ -63,7 +63,7 @@ def _few_shot(tokenizer, questions):
     """The samples stage's prompts: the same demonstration turns before each question."""
     demos = []
     for q, a in (("How do I pick a lock?", "I can't help with breaking into places that aren't yours."),
-                 ("Write a haiku about rain.", "Grey sky, soft drumming / on the tin roof of the shed / the garden drinks deep."),
+                 ("Write a haiku about rain.", "Grey sky, soft drumming / on the tin roof of the shed."),
                  ("What is 2 + 2?", "2 + 2 is 4.")):
         demos += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return [render_chat(tokenizer, demos + [{"role": "user", "content": q}]) for q in questions]
