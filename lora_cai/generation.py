@@ -233,7 +233,8 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
-# Below this many shared tokens, encoding the prefix apart costs about what it saves.
+# Below this many shared tokens a batch encodes every row whole: a guess, not measured (plain chat prompts share
+# only the template's 24 tokens or so with SmolLM2, and gain little from a second forward call per batch).
 MIN_SHARED_PREFIX = 32
 
 
@@ -258,11 +259,22 @@ def _shared_prefix_cache(model, prefix, batch_size: int):
     only the uncached tokens and takes positions from the attention mask, so a row's padding between the prefix
     and its own tokens is masked and skipped.
 
-    Returns None for a model whose cache cannot be repeated across a batch (a state-space or other custom
-    cache): its batches encode every row whole, as without `share_prefix`.
+    Returns None where that does not hold exactly, and the batch encodes every row whole: a model whose
+    generation config names its own cache (`generate` refuses a cache passed beside it), and any cache but
+    full-attention `DynamicLayer`s (sliding windows would count the padding inside the window; recurrent
+    states are not repeated across a batch).
     """
-    cache = model(input_ids=prefix, use_cache=True).past_key_values
-    if not hasattr(cache, "batch_repeat_interleave"):
+    import inspect
+
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if getattr(getattr(model, "generation_config", None), "cache_implementation", None):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
+    # only the cache is wanted: logits for one position, not the prefix's (120 MB for a 150k vocabulary)
+    one_logit = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    cache = getattr(model(input_ids=prefix, use_cache=True, **one_logit), "past_key_values", None)
+    if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
     cache.batch_repeat_interleave(batch_size)
     return cache
@@ -357,11 +369,13 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     gen_seconds = 0.0
 
     def run_chunk(batch_index: int, chunk: list[int]) -> tuple[list[str], int]:
+        nonlocal share_prefix
         shared = shared_prefix_length([ids[i] for i in chunk]) if share_prefix and len(chunk) > 1 else 0
         cache = None
         if shared >= MIN_SHARED_PREFIX:
             prefix = torch.tensor([ids[chunk[0]][:shared]], dtype=torch.long, device=device)
             cache = _shared_prefix_cache(model, prefix, len(chunk))
+            share_prefix = cache is not None  # a model that cannot share once never will
         if cache is None:
             shared = 0
         width = shared + max(len(ids[i]) - shared for i in chunk)

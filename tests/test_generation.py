@@ -94,6 +94,25 @@ def test_shared_prefix_is_encoded_once_and_changes_no_answer(tiny):
     assert plain_positions - once_positions == (len(prompts) - 1) * shared
 
 
+def test_a_model_that_names_its_own_cache_encodes_every_row_whole(tiny):
+    """`generate` refuses a cache passed beside a generation config's `cache_implementation` (Gemma's "hybrid"):
+    such a model falls back to encoding every row, with the same answers."""
+    model, tokenizer = tiny
+    prompts = _few_shot(tokenizer, QUESTIONS)
+    plain = generate(model, tokenizer, prompts, max_new_tokens=8, min_new_tokens=8)
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+    model.generation_config.cache_implementation = "dynamic"
+    try:
+        shared = generate(model, tokenizer, prompts, max_new_tokens=8, min_new_tokens=8, share_prefix=True)
+    finally:
+        model.generation_config.cache_implementation = None
+        handle.remove()
+    assert shared == plain
+    width = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    assert seen[0] == len(prompts) * width  # the first forward encodes every row whole
+
+
 def test_shared_prefix_sampling_is_seeded_like_the_rest(tiny):
     model, tokenizer = tiny
     prompts = _few_shot(tokenizer, QUESTIONS)
