@@ -381,11 +381,11 @@ def iter_generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
         width = shared + max(len(ids[i]) - shared for i in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # the shared prefix, then left padding before each prompt's own tokens
+        input_ids[:, :shared] = torch.tensor(ids[chunk[0]][:shared], dtype=torch.long)  # the shared prefix, then
+        attention[:, :shared] = 1
+        for row, i in enumerate(chunk):  # left padding before each prompt's own tokens
             n = len(ids[i]) - shared
-            input_ids[row, :shared] = torch.tensor(ids[i][:shared], dtype=torch.long)
             input_ids[row, width - n:] = torch.tensor(ids[i][shared:], dtype=torch.long)
-            attention[row, :shared] = 1
             attention[row, width - n:] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         kwargs = dict(gen_args, past_key_values=cache) if cache is not None else gen_args
