@@ -34,6 +34,24 @@ def tiny(tiny_model):
     return model, tokenizer
 
 
+@pytest.fixture(scope="session")
+def tiny64(tiny_model):
+    """The tiny model in float64, for tests that compare two computation orders of one function.
+
+    In float32 such orders differ by a few machine epsilons (1.2e-7) times the reduction length, and which order a
+    kernel sums in depends on the CPU's instruction set (oneDNN/MKL pick kernels by ISA: an Intel host with AMX
+    differs from an AMD one). In float64 that noise is about 1e-15, while the bugs these tests guard against (a
+    missing slice, a wrong scale, the wrong reference) are of order 1e-2: a bound of 1e-9 holds on any host and
+    still sees them by seven orders of magnitude.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+    return model, tokenizer
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m lora_cai.recipe ARGS` as a user would, capturing its output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120", **(env or {}))
