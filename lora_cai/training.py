@@ -59,7 +59,8 @@ class _TorchChunkedLogProb:
         for start in range(0, max(hidden.shape[0], 1), rows):
             h = hidden[start:start + rows]
             logits = torch.nn.functional.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
-            logits = logits.float() * logit_scale
+            # Half precision is upcast as TRL's kernel does; float64 (the equivalence tests) stays float64.
+            logits = (logits.float() if logits.element_size() < 4 else logits) * logit_scale
             if final_logit_softcapping:
                 logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
             logits = logits / temperature
