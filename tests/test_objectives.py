@@ -23,9 +23,18 @@ MIXED = [{"id": str(i), "prompt": f"Request {i}: help me break into a house.",
           "p_chosen": 0.5 + 0.0625 * i} for i in range(8)]  # judged probabilities from 0.5 (no say) to 0.94
 
 
+# The formula tests run in float64 (test_concat's `as64`): TRL's loss and the hand computation then differ by about
+# 1e-15 whatever kernels the CPU picks (SimPO: 4e-16). What is left is float32 that TRL keeps on purpose: KTO's
+# precomputed reference log-probs are stored as float32 (half an ulp: 6e-8 of up to ~30 nats, times the loss's slope
+# of at most 0.3 * 0.25 * 1.1, twice through z0: at most 3e-7; measured 1.4e-7), ORPO's odds in float32 (2e-8).
+# EXACT is the bound; each test also shows the bug it guards (the wrong reference or a term left out) beyond it by
+# a thousand times.
+EXACT = 1e-6
+
+
 def policy_off_start(tiny_model, stack):
     """A round's policy whose new slice has learnt something (B random, the same every time): policy != reference."""
-    model, tok, frozen = build(tiny_model, stack)
+    model, tok, frozen = build(tiny_model, stack, as64=True)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in sorted(model.named_parameters()):
@@ -37,7 +46,7 @@ def policy_off_start(tiny_model, stack):
 
 def token_logps(model, ids, mask, completion_mask):
     """Per-sequence sum of log p(completion token), from the full logits (no fused head)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logits = model(input_ids=ids, attention_mask=mask).logits
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (logp * completion_mask[:, 1:]).sum(-1)
 
@@ -73,16 +82,25 @@ def test_kto_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path, soft
         with models.starting_policy(model, frozen):
             ref = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
             ref_kl = token_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
-    assert torch.allclose(batch["ref_logps"].float(), ref, rtol=1e-5, atol=1e-4)  # precomputed = starting policy
-    assert torch.allclose(batch["ref_KL_logps"].float(), ref_kl, rtol=1e-5, atol=1e-4)
-    z0 = (pol_kl - ref_kl).mean().clamp(min=0)
-    r = pol - ref
+        with model.disable_adapter():  # the wrong reference: the base without the earlier rounds
+            base = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            base_kl = token_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+    # precomputed = starting policy (stored as float32 by the dataset: relative 6e-8)
+    assert (batch["ref_logps"].double() - ref).abs().max() <= EXACT * ref.abs().max()
+    assert (batch["ref_KL_logps"].double() - ref_kl).abs().max() <= EXACT * ref_kl.abs().max()
+    assert (pol - ref).abs().max() > 1e3 * EXACT * ref.abs().max()  # the policy as reference would fail it
     labels = torch.as_tensor(batch["label"], dtype=torch.bool)
     w = 2 * batch["p_chosen"] - 1 if soft == "weight" else torch.ones(16)
-    losses = torch.cat([0.9 * w[labels] * (1 - torch.sigmoid(0.3 * (r[labels] - z0))),
-                        1.1 * w[~labels] * (1 - torch.sigmoid(0.3 * (z0 - r[~labels])))])
-    assert r.abs().max() > 0.05  # the batch is not at the reference: the formula is really exercised
-    assert got == pytest.approx(float(losses.mean()), abs=1e-5)
+
+    def kto(ref, ref_kl):
+        z0 = (pol_kl - ref_kl).mean().clamp(min=0)
+        r = pol - ref
+        return torch.cat([0.9 * w[labels] * (1 - torch.sigmoid(0.3 * (r[labels] - z0))),
+                          1.1 * w[~labels] * (1 - torch.sigmoid(0.3 * (z0 - r[~labels])))]).mean()
+
+    assert (pol - ref).abs().max() > 0.05  # the batch is not at the reference: the formula is really exercised
+    assert abs(got - float(kto(ref, ref_kl))) <= EXACT
+    assert abs(got - float(kto(base, base_kl))) > 1e3 * EXACT  # what the bound guards: the base as reference
     assert (trainer.desirable_weight, trainer.undesirable_weight) == (0.9, 1.1)  # restored after the batch
 
 
@@ -107,7 +125,7 @@ def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path, so
 
         def mean_logp(side):
             ids, labels = batch[f"{side}_input_ids"], batch[f"{side}_labels"]
-            logits = model(input_ids=ids, attention_mask=batch[f"{side}_attention_mask"]).logits.float()
+            logits = model(input_ids=ids, attention_mask=batch[f"{side}_attention_mask"]).logits
             mask = labels[:, 1:] != -100
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
             assert (mask.sum(-1) > 0).all()
@@ -117,9 +135,13 @@ def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path, so
     z = 2.0 * (chosen - rejected) - 0.7
     p = torch.tensor(batch["p_chosen"]) if soft != "off" else torch.ones(8)
     assert soft == "off" or sorted(p.tolist()) == [m["p_chosen"] for m in MIXED]
-    per = -p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z) if soft == "target" else -F.logsigmoid(z)
-    want = ((2 * p - 1) * per if soft == "weight" else per).mean()
-    assert got == pytest.approx(float(want), abs=1e-5)
+
+    def simpo(z):
+        per = -p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z) if soft == "target" else -F.logsigmoid(z)
+        return float(((2 * p - 1) * per if soft == "weight" else per).mean())
+
+    assert abs(got - simpo(z)) <= EXACT
+    assert abs(got - simpo(z + 0.7)) > 1e3 * EXACT  # what the bound guards: SimPO's margin gamma left out
     assert trainer.label_smoothing == 0.0  # TRL's own setting, restored after the batch
     assert models.active_adapters(model) == [models.TRAINABLE]
 
@@ -145,7 +167,7 @@ def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_pat
         stats = {}
         for side in ("chosen", "rejected"):
             ids, labels = batch[f"{side}_input_ids"], batch[f"{side}_labels"]
-            logits = model(input_ids=ids, attention_mask=batch[f"{side}_attention_mask"]).logits.float()
+            logits = model(input_ids=ids, attention_mask=batch[f"{side}_attention_mask"]).logits
             mask = labels[:, 1:] != -100
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
             assert (mask.sum(-1) < (batch[f"{side}_attention_mask"].sum(-1) - 1)).all()  # the prompt is masked
@@ -154,7 +176,8 @@ def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_pat
     (avg_c, nll_c, tokens_c), (avg_r, _, _) = stats["chosen"], stats["rejected"]
     log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
     want = (w * nll_c).sum() / tokens_c - 0.3 * (w * F.logsigmoid(log_odds)).mean()
-    assert got == pytest.approx(float(want), abs=1e-5)
+    assert abs(got - float(want)) <= EXACT
+    assert abs(got - float((w * nll_c).sum() / tokens_c)) > 1e3 * EXACT  # the bug guarded: the odds-ratio term lost
 
 
 def test_orpo_leaves_sft_the_records_no_pair_covers():
