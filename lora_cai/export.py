@@ -27,7 +27,9 @@ the same. It reads only the adapter files (no base model loads), in seconds.
 GGUF goes only through Unsloth's `save_pretrained_gguf`, in a separate process (Unsloth must be imported
 before transformers). It fetches and builds llama.cpp, so it needs the network the first time; where
 that fails the merged checkpoint is still complete and the error says so. `--push-to-hub` uploads OUT
-with `huggingface_hub` (token from `HF_TOKEN`; a new repository is created private).
+with `huggingface_hub` (token from `HF_TOKEN`; a new repository is created private, and an existing public one is
+refused unless `--public` says to publish). Nothing written carries a local path: the source run is named by its
+folder's name.
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ def export_run(run_dir: Path, out: Path, *, upto: int | None = None, dtype: str 
     chosen = resolve_backend(backend or run_backend)
     model, tokenizer = merged_model(model_cfg, adapters, backend=chosen)
     info = _info("export", model_cfg, adapters, dtype, stack=[p.relative_to(run_dir).as_posix() for p in adapters],
-                 source_run=str(Path(run_dir).resolve()), backend=chosen, upto=len(adapters))
+                 source_run=Path(run_dir).resolve().name, backend=chosen, upto=len(adapters))
     return _save(model, tokenizer, out, dtype, info)
 
 
@@ -338,7 +340,7 @@ def export_gguf(out: Path, quant: str, timeout: float = 3600) -> Path:
     return dest
 
 
-def _hub_api(repo_id: str):
+def _hub_api(repo_id: str, repo_type: str = "model", public: bool = False):
     token = os.environ.get("HF_TOKEN")
     if not token:
         raise UserError(f"--push-to-hub {repo_id}: set HF_TOKEN to a Hugging Face write token (nothing was exported)")
@@ -350,13 +352,36 @@ def _hub_api(repo_id: str):
     except Exception as e:
         raise UserError(f"--push-to-hub {repo_id}: cannot reach the Hugging Face Hub or the token is refused "
                         f"({type(e).__name__}: {_last_line(str(e))}); nothing was exported") from None
+    check_visibility(api, repo_id, repo_type, public)
     return api
 
 
-def push_to_hub(api, out: Path, repo_id: str, repo_type: str = "model") -> str:
-    what = "CAI dataset" if repo_type == "dataset" else "merged stacked LoRA policy"
+def check_visibility(api, repo_id: str, repo_type: str, public: bool) -> bool | None:
+    """Whether `repo_id` exists and is public (None: it does not exist yet); refuses an existing public repository
+    unless `public` says to publish there. Called before any work, and again right before the upload."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
     try:
-        api.create_repo(repo_id, repo_type=repo_type, private=True, exist_ok=True)
+        existing_public = not getattr(api.repo_info(repo_id, repo_type=repo_type), "private", False)
+    except RepositoryNotFoundError:
+        return None
+    except Exception as e:
+        raise UserError(f"--push-to-hub {repo_id}: cannot read the repository ({type(e).__name__}: "
+                        f"{_last_line(str(e))}); check the name and the token's access") from None
+    if existing_public and not public:
+        raise UserError(f"--push-to-hub {repo_id}: that repository exists and is public, so the upload would publish "
+                        f"this export; add --public to publish it, or name a private or new repository")
+    return existing_public
+
+
+def push_to_hub(api, out: Path, repo_id: str, repo_type: str = "model", *, public: bool = False) -> str:
+    """Upload `out` to `repo_id`: a new repository is created private unless `public`; an existing public one is
+    refused unless `public` says so (uploading there publishes the export)."""
+    what = "CAI dataset" if repo_type == "dataset" else "merged stacked LoRA policy"
+    existing_public = check_visibility(api, repo_id, repo_type, public)
+    try:
+        if existing_public is None:
+            api.create_repo(repo_id, repo_type=repo_type, private=not public, exist_ok=True)
         info = api.upload_folder(folder_path=str(out), repo_id=repo_id, repo_type=repo_type,
                                  commit_message=f"lora_cai export ({what})")
     except Exception as e:
@@ -383,7 +408,10 @@ def build_parser():
                    help="also write OUT/gguf/*.gguf through Unsloth (e.g. q4_k_m, q8_0, f16); needs the network the "
                         "first time, to build llama.cpp")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
-                   help="upload OUT to this Hub repository (created private if new); token from HF_TOKEN")
+                   help="upload OUT to this Hub repository (created private if new; an existing public one is "
+                        "refused without --public); token from HF_TOKEN")
+    p.add_argument("--public", action="store_true",
+                   help="with --push-to-hub: create the repository public, or upload into an existing public one")
     p.add_argument("--backend", default=None, choices=("auto", "transformers", "unsloth"),
                    help="loader for the 4-bit base (default: the run's own backend)")
     p.add_argument("--single-adapter", action="store_true",
@@ -393,12 +421,14 @@ def build_parser():
 
 
 def _main(args) -> int:
+    if args.public and not args.push_to_hub:
+        raise UserError("--public applies to --push-to-hub REPO_ID: add it, or drop --public")
     if args.dataset:
         return _export_dataset(args)
     if not args.out:
         raise UserError("give --out DIR (a merged checkpoint or, with --single-adapter, one adapter) or --dataset DIR")
     args.writes_to = Path(args.out).parent
-    api = _hub_api(args.push_to_hub) if args.push_to_hub else None  # fail before the slow merge
+    api = _hub_api(args.push_to_hub, public=args.public) if args.push_to_hub else None  # fail before the slow merge
     if args.single_adapter:
         if args.gguf:
             raise UserError("--gguf needs a merged checkpoint; drop --single-adapter")
@@ -407,14 +437,14 @@ def _main(args) -> int:
         rank = json.loads((out / "adapter_config.json").read_text())["r"]
         print(f"one adapter for the stack of {len(adapters)} (rank {rank}): {out}", file=sys.stderr)
         if api is not None:
-            print(f"pushed: {push_to_hub(api, out, args.push_to_hub)}", file=sys.stderr)
+            print(f"pushed: {push_to_hub(api, out, args.push_to_hub, public=args.public)}", file=sys.stderr)
         return 0
     out = export_run(Path(args.run_dir), Path(args.out), upto=args.upto, dtype=args.dtype, backend=args.backend)
     print(f"merged checkpoint ({args.dtype}): {out}", file=sys.stderr)
     if args.gguf:
         print(f"gguf: {export_gguf(out, args.gguf)}", file=sys.stderr)
     if api is not None:
-        print(f"pushed: {push_to_hub(api, out, args.push_to_hub)}", file=sys.stderr)
+        print(f"pushed: {push_to_hub(api, out, args.push_to_hub, public=args.public)}", file=sys.stderr)
     return 0
 
 
@@ -427,11 +457,12 @@ def _export_dataset(args) -> int:
         raise UserError(f"--dataset writes the run's data, not a model: drop {', '.join(others)}")
     args.writes_to = Path(args.dataset).parent
     check_target(Path(args.dataset))
-    api = _hub_api(args.push_to_hub) if args.push_to_hub else None
+    api = _hub_api(args.push_to_hub, "dataset", args.public) if args.push_to_hub else None
     sizes = write_dataset(Path(args.run_dir), Path(args.dataset))
     print(f"dataset ({', '.join(f'{k} {v}' for k, v in sizes.items())}): {args.dataset}", file=sys.stderr)
     if api is not None:
-        print(f"pushed: {push_to_hub(api, Path(args.dataset), args.push_to_hub, repo_type='dataset')}", file=sys.stderr)
+        pushed = push_to_hub(api, Path(args.dataset), args.push_to_hub, repo_type="dataset", public=args.public)
+        print(f"pushed: {pushed}", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import run_cli, write_recipe
 from lora_cai import export
+from lora_cai.errors import UserError
 
 chat = importlib.import_module("lora_cai.chat")  # the module; `lora_cai.chat` is also the package's function
 
@@ -167,21 +168,62 @@ def test_bad_dataset_targets_are_one_line_exit_2(case, run, tmp_path, capsys, mo
         assert not target.exists()  # refused before any work
 
 
-def test_the_push_creates_a_dataset_repository(exported):
-    """Up to the network boundary: what lora_cai asks of huggingface_hub's API."""
-    calls = []
+class Hub:
+    """huggingface_hub.HfApi up to the network boundary: what lora_cai asks of it, with a repository of given state."""
 
-    class Hub:
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create_repo", repo_id, kw))
+    def __init__(self, existing: str | None = None):
+        self.existing, self.calls = existing, []  # existing: None (no repository), "public" or "private"
 
-        def upload_folder(self, **kw):
-            calls.append(("upload_folder", kw))
-            return type("Info", (), {"commit_url": "https://huggingface.co/datasets/me/data/commit/1"})()
+    def repo_info(self, repo_id, **kw):
+        import httpx
+        from huggingface_hub.errors import RepositoryNotFoundError
 
-    assert export.push_to_hub(Hub(), exported, "me/data", repo_type="dataset").endswith("/commit/1")
-    assert calls[0] == ("create_repo", "me/data", {"repo_type": "dataset", "private": True, "exist_ok": True})
-    assert calls[1][1]["repo_type"] == "dataset" and calls[1][1]["folder_path"] == str(exported)
+        self.calls.append(("repo_info", repo_id, kw))
+        if self.existing is None:
+            raise RepositoryNotFoundError("404", response=httpx.Response(404, request=httpx.Request("GET", "https://hub")))
+        return type("Info", (), {"private": self.existing == "private"})()
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw))
+        return type("Info", (), {"commit_url": "https://huggingface.co/datasets/me/data/commit/1"})()
+
+
+def test_the_push_creates_a_private_dataset_repository(exported):
+    hub = Hub()
+    assert export.push_to_hub(hub, exported, "me/data", repo_type="dataset").endswith("/commit/1")
+    assert [c[0] for c in hub.calls] == ["repo_info", "create_repo", "upload_folder"]
+    assert hub.calls[1] == ("create_repo", "me/data", {"repo_type": "dataset", "private": True, "exist_ok": True})
+    assert hub.calls[2][1]["repo_type"] == "dataset" and hub.calls[2][1]["folder_path"] == str(exported)
+    public = Hub()
+    export.push_to_hub(public, exported, "me/data", repo_type="dataset", public=True)
+    assert public.calls[1][2]["private"] is False
+
+
+def test_an_existing_public_repository_is_refused_unless_public_says_so(exported):
+    hub = Hub(existing="public")
+    with pytest.raises(UserError, match=r"^--push-to-hub me/data: that repository exists and is public.*add --public"):
+        export.push_to_hub(hub, exported, "me/data", repo_type="dataset")
+    assert [c[0] for c in hub.calls] == ["repo_info"]  # nothing uploaded
+    export.push_to_hub(hub, exported, "me/data", repo_type="dataset", public=True)
+    assert [c[0] for c in hub.calls] == ["repo_info", "repo_info", "upload_folder"]  # into it, as it is
+    private = Hub(existing="private")
+    export.push_to_hub(private, exported, "me/data", repo_type="dataset")
+    assert [c[0] for c in private.calls] == ["repo_info", "upload_folder"]
+
+
+def test_the_public_check_comes_before_any_export(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    hub = Hub(existing="public")
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda token: type("Api", (Hub,), {"whoami": lambda self: {}})("public"))
+    code = export.main([str(run), "--dataset", str(tmp_path / "d"), "--push-to-hub", "me/data"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: --push-to-hub me/data: that repository exists and is public")
+    assert not (tmp_path / "d").exists() and hub.calls == []
+    assert export.main([str(run), "--dataset", str(tmp_path / "d"), "--public"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--public applies to --push-to-hub REPO_ID: add it, or drop --public")
 
 
 def test_compare_prints_the_held_out_answers_side_by_side(run, capsys):

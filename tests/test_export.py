@@ -111,7 +111,12 @@ def test_export_holds_plain_weights_only_and_records_its_source(exported, tiny):
     assert {v.dtype for v in weights.values()} == {torch.float32}
     marker = json.loads((out / "lora_cai_export.json").read_text())
     assert marker["stack"] == ["round-1/adapter", "round-2/adapter"] and marker["dtype"] == "float32"
-    assert marker["source_run"] == str(run.resolve()) and len(marker["adapter_sha256"]) == 2
+    assert marker["source_run"] == run.name and len(marker["adapter_sha256"]) == 2
+    # nothing that a push uploads names a local path
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix != ".safetensors":
+            text = f.read_bytes().decode("utf-8", "replace")
+            assert str(run.resolve().parent) not in text and os.path.expanduser("~") + "/" not in text, f.name
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out).chat_template == tiny[1].chat_template
