@@ -134,6 +134,13 @@ class JudgeConfig(Section):
     timeout: float = Field(120.0, gt=0, description="Seconds before a request to the judge's server is retried.")
     cross_check_self: bool = Field(False, description="With a teacher or API judge, also judge every comparison "
                                                       "with the policy itself and report their agreement.")
+    max_failures: float = Field(
+        0.1, ge=0, le=1, description="The share of a stage's calls to a server judge or critic (`judge.kind: api`, "
+                                     "`critic: api`, a critic on `generation.base_url`) that may fail, or come "
+                                     "without the log-probs they asked for, before the stage stops with one line "
+                                     "(exit code 2; committed work is kept and a rerun resumes). Below it, the "
+                                     "failures are counted and shown, and a refusal the judge did not decide falls "
+                                     "back to the phrase heuristic under a label that says how many did.")
 
 
 class PairsConfig(Section):

@@ -58,11 +58,15 @@ def revision_messages(constitution: Constitution, principle: Principle, prompt: 
 
 
 def run_critique_step(generator, constitution: Constitution, items: list[dict], step: int, stage: JsonlStage,
-                      *, cfg, seed: int, progress=None, stats: GenerationStats) -> None:
+                      *, cfg, seed: int, progress=None, stats: GenerationStats, where: str = "critique") -> None:
     """One critique -> revision step over `items` ({id, prompt, response}), committed batch by batch to `stage`.
 
-    `generator` is a `generators.LocalGenerator` or `APIGenerator`.
+    `generator` is a `generators.LocalGenerator` or `APIGenerator`. On a server, a request that failed for good
+    gives the record status `failed` with its `error`, each record notes its `requests`, and the step stops
+    (`api.stop_if_failing`, before the batch's commit) once its failed calls exceed `judge.max_failures`.
     """
+    server = hasattr(generator, "calls")
+    left = len(items) - sum(len(b) for b in _committed(generator, items, stage)) if server else 0
     gen, crit = cfg.generation, cfg.critique
     principles = [pick_principle(constitution, seed, it["id"], step) for it in items]
     conversations = [critique_messages(constitution, p, it["prompt"], it["response"], crit.demonstrations)
@@ -76,11 +80,16 @@ def run_critique_step(generator, constitution: Constitution, items: list[dict], 
             top_p=gen.top_p, seed=seed * 1000 + step * 2, skip_batches=stage.done_batches, stats=stats,
             progress=progress, description=f"critique step {step}"):
         records, to_revise = [], []
+        failed = dict(generator.errors) if server else {}
         for i, critique in outputs:
             it, p = items[i], principles[i]
             rec = {"id": it["id"], "step": step, "principle": p.name, "critique": critique, "revision": None,
                    "status": "revise", "batch": batch}
-            if critique is None:
+            if server:
+                rec["requests"] = 1
+            if i in failed:
+                rec["status"], rec["error"] = "failed", failed[i]
+            elif critique is None:
                 rec["status"] = "too_long"
             elif not critique.strip():
                 rec["status"] = "empty"
@@ -94,21 +103,45 @@ def run_critique_step(generator, constitution: Constitution, items: list[dict], 
                 to_revise.append((len(records), revision_messages(constitution, p, it["prompt"], it["response"],
                                                                    critique, crit.demonstrations)))
             records.append(rec)
+        if server:  # a dead server stops the step before its revisions are even asked for
+            from .api import stop_if_failing
+
+            left -= len(outputs)
+            stop_if_failing(generator.calls, generator.calls.requests + len(to_revise) + 2 * left,
+                            cfg.judge.max_failures, where=where, who="critic", url=generator.client.base_url)
         if to_revise:
             for _, rev_out in generator.iter(
                     [m for _, m in to_revise], max_new_tokens=gen.max_new_tokens, temperature=crit.temperature,
                     top_p=gen.top_p, seed=seed * 1000 + step * 2 + 1 + batch * 7919, stats=stats):
+                rev_failed = dict(generator.errors) if server else {}
                 for j, text in rev_out:
                     rec = records[to_revise[j][0]]
                     revision = clean_revision(text) if text else ""
-                    if text is None:
+                    if server:
+                        rec["requests"] = 2
+                    if j in rev_failed:
+                        rec["status"], rec["error"] = "failed", rev_failed[j]
+                    elif text is None:
                         rec["status"] = "too_long"
                     elif not revision:
                         rec["status"] = "empty"
                     elif copies_demonstration(revision, demo_revisions):
                         rec["status"] = "copied_demonstration"
                     rec["revision"] = revision or None
+        if server:  # before the commit: a batch past the limit is redone by the rerun
+            stop_if_failing(generator.calls, generator.calls.requests + 2 * left, cfg.judge.max_failures,
+                            where=where, who="critic", url=generator.client.base_url)
         stage.commit(records, batch)
+
+
+def _committed(generator, items: list[dict], stage: JsonlStage) -> list[range]:
+    """The slices of `items` a server generator's batches already committed to `stage` (skipped on resume)."""
+    size = generator.batch_size
+    return [range(b * size, min((b + 1) * size, len(items))) for b in stage.done_batches if b * size < len(items)]
+
+
+# A step ending in one of these never critiqued anything ("failed": the critic's server did not answer).
+UNUSABLE = frozenset({"copied_demonstration", "copied_response", "empty", "too_long", "failed"})
 
 
 def assemble(responses: list[dict], steps: list[list[dict]], constitution: Constitution) -> list[dict]:
@@ -130,7 +163,7 @@ def assemble(responses: list[dict], steps: list[list[dict]], constitution: Const
                 current = rec["revision"]
                 continue
             stopped = rec["status"] == "no_change"
-            if rec["status"] in {"copied_demonstration", "copied_response", "empty", "too_long"} and len(traj_steps) == 1:
+            if rec["status"] in UNUSABLE and len(traj_steps) == 1:
                 usable = False  # no real critique ever happened; a later bad step keeps the last good revision
             break
         out.append({"id": r["id"], "prompt": r["prompt"], "initial": r["response"], "steps": traj_steps,
@@ -183,7 +216,8 @@ def critique_stage(ctx, inp, responses: list[dict]) -> Done:
                 done.ran = True
                 with peak_memory(done.summary, f"critique-{s}"), make_progress(console=ctx.console) as progress:
                     run_critique_step(ctx.models.critic_generator(cfg, k, ctx.stack).pin(st), constitution, items, s, st,
-                                      cfg=cfg, seed=cfg.seed + k, progress=progress, stats=stats)
+                                      cfg=cfg, seed=cfg.seed + k, progress=progress, stats=stats,
+                                      where=f"round {k} critique step {s}")
             if not st.complete:
                 done.ran = True
                 st.finish(generation=stats.as_dict())
@@ -201,6 +235,9 @@ def critique_stage(ctx, inp, responses: list[dict]) -> Done:
         "critiques": len(statuses), "revisions": statuses.count("revise"),
         "no_change": statuses.count("no_change"), "copied_demonstration": statuses.count("copied_demonstration"),
         "copied_response": statuses.count("copied_response"), "empty": statuses.count("empty")})
+    calls = critic_calls([r for recs in step_records for r in recs])
+    if calls is not None:  # a server critiqued: what it did not answer, from the committed records
+        done.summary["critic_calls"] = calls.as_dict()
     done.outputs = trajectories
     return done
 
@@ -271,3 +308,15 @@ def copies_demonstration(text: str, demonstrations: list[str], *, threshold: flo
                 and matcher.ratio() >= threshold:
             return True
     return False
+
+
+def critic_calls(records: list[dict]):
+    """`api.Calls` of a server critic recounted from its committed critique records; None when no server wrote them."""
+    from .api import Calls
+
+    marked = [r for r in records if "requests" in r]
+    if not marked:
+        return None
+    failed = [r for r in marked if r["status"] == "failed"]
+    return Calls(requests=sum(r["requests"] for r in marked), failures=len(failed),
+                 last_error=failed[-1].get("error") if failed else None)

@@ -59,7 +59,11 @@ class APIGenerator(_Generator):
     """
 
     def __init__(self, client, *, batch_size: int = 32):
+        from .api import Calls
+
         self.client, self.batch_size = client, batch_size
+        self.calls = Calls()  # every request sent, and the ones that failed for good
+        self.errors: dict[int, str] = {}  # the last batch's failed requests: conversation index -> error
 
     def pin(self, stage) -> "APIGenerator":
         self.batch_size = stage.pinned("batch_size", self.batch_size)
@@ -83,6 +87,8 @@ class APIGenerator(_Generator):
             answers = self.client.chat_many([
                 {"messages": conversations[i], "max_tokens": max_new_tokens, "temperature": temperature,
                  "top_p": top_p, "seed": _request_seed(seed, i)} for i in idx])
+            self.calls.count(answers)
+            self.errors = {i: a.get("error") or "no answer" for i, a in zip(idx, answers) if a.get("text") is None}
             if stats is not None:
                 stats.requested += len(idx)
                 stats.generated += sum(a.get("text") is not None for a in answers)

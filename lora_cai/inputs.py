@@ -82,7 +82,8 @@ GENERATOR = ("generation.base_url", If(lambda c: not c.generation.base_url, *MOD
 GENERATOR_USES = (*POLICY_USES, "generation.api_key_env", "generation.concurrency", "generation.timeout")
 TEACHER = ("judge.model", "judge.load_in_4bit", "model.backend", "model.dtype", "model.max_seq_length")
 API = ("judge.base_url", "judge.model")
-API_USES = ("judge.api_key_env", "judge.concurrency", "judge.timeout")
+# judge.max_failures stops a stage or lets it finish; it changes nothing a finished stage computed.
+API_USES = ("judge.api_key_env", "judge.concurrency", "judge.timeout", "judge.max_failures")
 # Who critiques: the policy (through GENERATOR), the local teacher, or the judge's server.
 CRITIC = ("critic",
           If(_critic("self"), *GENERATOR),

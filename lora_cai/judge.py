@@ -156,15 +156,29 @@ class APIJudge:
     _VERDICT = re.compile(r"^\W*(?:answer\W*)?\(?\s*([AB])\b", re.IGNORECASE)
 
     def __init__(self, client, *, top_logprobs: int = 20):
+        from .api import Calls
+
         self.client, self.top_logprobs = client, top_logprobs
         self.garbled = 0
+        self.calls = Calls()  # every request this judge sent, and what did not come back
+        self.last: list[tuple[str | None, str | None]] = []  # the last `score` call's (problem, error) per request
+
+    @property
+    def url(self) -> str:
+        return self.client.base_url
 
     def score(self, conversations: list[list[dict]]) -> list[float | None]:
+        """P(A) per conversation; None where the request failed or the answer reads as neither option. A failed
+        request and an answer without log-probs are counted in `calls` (`last` says which, per conversation)."""
         answers = self.client.chat_many([{"messages": c, "max_tokens": 4, "temperature": 0.0,
                                           "logprobs": self.top_logprobs} for c in conversations])
+        problems_ = self.calls.count(answers, logprobs=True)
+        self.last = [(pr, a.get("error")) for pr, a in zip(problems_, answers)]
         out = []
         for ans in answers:
             p = self._from_logprobs(ans.get("logprobs"))
+            if p is None and ans.get("logprobs"):
+                self.calls.unusable_logprobs += 1
             if p is None and ans.get("text") is not None:
                 m = self._VERDICT.match(ans["text"])
                 p = None if m is None else (1.0 if m.group(1).upper() == "A" else 0.0)
@@ -336,12 +350,41 @@ def judge_comparisons(judge, comparisons: list[Comparison], *, cot_generator=Non
                       {"role": "user", "content": f"So which is better? {ANSWER_INSTRUCTION}"}]
                  for c, r in zip(convs, rationales)]
     scores = judge.score(convs)
+    last = getattr(judge, "last", None)  # a server judge says which requests failed
     out = []
     for n, c in enumerate(comparisons):
         p1 = scores[2 * n]
         p2 = None if scores[2 * n + 1] is None else 1.0 - scores[2 * n + 1]
-        out.append(_record(c, judge.kind, p1, p2, cot_generator is not None))
+        rec = _record(c, judge.kind, p1, p2, cot_generator is not None)
+        if last:
+            mark_calls(rec, last[2 * n:2 * n + 2])
+        out.append(rec)
     return out
+
+
+def mark_calls(rec: dict, outcomes: list[tuple[str | None, str | None]]) -> None:
+    """Note on a judgment record how many of its server requests failed or came without log-probs, and the error:
+    the stage's counts are recounted from its committed records (`calls_of`)."""
+    rec["requests"] = len(outcomes)
+    failed = [e for pr, e in outcomes if pr == "failed"]
+    if failed:
+        rec["failed"], rec["error"] = len(failed), failed[-1]
+    missing = sum(pr == "no_logprobs" for pr, _ in outcomes)
+    if missing:
+        rec["missing_logprobs"] = missing
+
+
+def calls_of(records: list[dict]):
+    """`api.Calls` recounted from judgment records a server judge marked (`mark_calls`); None when none was."""
+    from .api import Calls
+
+    marked = [r for r in records if "requests" in r]
+    if not marked:
+        return None
+    calls = Calls(requests=sum(r["requests"] for r in marked), failures=sum(r.get("failed", 0) for r in marked),
+                  missing_logprobs=sum(r.get("missing_logprobs", 0) for r in marked))
+    calls.last_error = next((r["error"] for r in reversed(marked) if r.get("error")), None)
+    return calls
 
 
 def _record(c: Comparison, kind: str, p1: float | None, p2: float | None, cot: bool) -> dict:

@@ -68,6 +68,9 @@ def judge_stage(ctx: Round, inp, trajectories: list[dict], samples: dict | None)
         if comps:
             judgments = _judged(ctx, inp, comps, done)
             stats = J.judgment_stats(judgments, confidence=j.confidence)
+            calls = J.calls_of(judgments)
+            if calls is not None:  # a server judged: what it did not answer, from the committed records
+                stats["calls"] = calls.as_dict()
             if any("p_self" in r for r in judgments):
                 stats["agreement_with_self"] = J.agreement(judgments, [{"p_raw": r.get("p_self")} for r in judgments])
             pairs, dropped = [], {}
@@ -126,6 +129,11 @@ def _judged(ctx: Round, inp, comps: list, done: Done) -> list[dict]:
         g = cfg.generation
         self_judge = J.LogprobJudge(*models.for_inference(cfg, k, ctx.stack), kind="self",
                                     token_budget=g.token_budget, max_batch_size=g.max_batch_size)
+    # A server judge's calls in this process: two per comparison left to judge (and as many rationales with the
+    # chain of thought on the server), checked against judge.max_failures before each commit.
+    servers = [g for g in (judge, cot) if hasattr(g, "calls")]
+    todo = sum(len(chunk) for b, chunk in enumerate(batches) if b not in stage.done_batches)
+    planned = 2 * todo * len(servers)
     with peak_memory(done.summary, "judge"), make_progress(console=ctx.console) as progress:
         task = progress.add_task(f"round {k} judging ({j.kind})", total=len(comps), tokens_per_s=0.0)
         for b, chunk in enumerate(batches):
@@ -134,6 +142,12 @@ def _judged(ctx: Round, inp, comps: list, done: Done) -> list[dict]:
                 continue
             recs = J.judge_comparisons(judge, chunk, cot_generator=cot,
                                        cot_max_new_tokens=j.cot_max_new_tokens if cot else 0, seed=cfg.seed + k)
+            if servers:  # before the commit: a batch past the limit is redone by the rerun
+                from .api import stop_if_failing
+
+                stop_if_failing(sum((g.calls for g in servers[1:]), servers[0].calls), planned, j.max_failures,
+                                where=f"round {k} judge (pair labels)", who="judge", url=judge.client.base_url,
+                                top_logprobs=j.top_logprobs)
             if self_judge is not None:
                 for r, s in zip(recs, J.judge_comparisons(self_judge, chunk)):
                     r["p_self"] = s["p_raw"]

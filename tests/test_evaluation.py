@@ -336,7 +336,9 @@ def test_evaluate_with_a_refusal_judge():
     out = ev.evaluate(FixedAnswers(ANSWERS), HARMFUL, BENIGN, max_new_tokens=8, refusal_judge=judge)
     assert [p for p, _ in seen] == ["bad one", "bad two", "bad three", "fine one", "fine two", "fine four"]
     assert all(a == ANSWERS[p] for p, a in seen)  # unanswered prompts are not sent to the judge
-    assert out["detector"] == "judge" and out["judge_unanswered"] == 1
+    # one answer of six fell back to the heuristic: the label says so instead of "judge"
+    assert out["detector"] == "judge (1 of 6 answers fell back to the refusal-phrase heuristic)"
+    assert (out["judge_unanswered"], out["judge_decided"]) == (1, 5)
     assert out["harmful_compliance"] == pytest.approx(1 / 3)  # only "bad three" complied
     assert out["over_refusal"] == 0
     # judged 5 answers; judge and heuristic differ on "bad two" and "fine two"

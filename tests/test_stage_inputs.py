@@ -61,7 +61,7 @@ NEW = {
     "judge.api_key_env": "JUDGE_KEY", "judge.load_in_4bit": False, "judge.rules": str(ROOT / "recipes" / "rules" /
                                                                                        "no-ful.yaml") + "x",
     "judge.chain_of_thought": False, "judge.cot_max_new_tokens": 64, "judge.confidence": 0.8, "judge.top_logprobs": 5,
-    "judge.concurrency": 2, "judge.timeout": 30.0, "judge.cross_check_self": False, "pairs.builder": "best_of_n",
+    "judge.concurrency": 2, "judge.timeout": 30.0, "judge.cross_check_self": False, "judge.max_failures": 0.5, "pairs.builder": "best_of_n",
     "pairs.n_samples": 3, "pairs.judge_revisions": True, "pairs.sample_demonstrations": 2, "pairs.contrast": True,
     "pairs.sft_accepted": True, "eval.max_new_tokens": 48, "eval.win_rate": False,
     "eval.capability": "", "eval.capability_limit": 10, "eval.critic_check": False, "eval.early_stop_drop": 0.2,
