@@ -45,7 +45,8 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
     t.add_row("prompts", f"{s['prompts']} ({s['skipped_too_long']} too long)")
     t.add_row("responses", str(s["responses"]))
     t.add_row("critiques", f"{s['critiques']} ({s['no_change']} no change, {s['copied_demonstration']} copied demo, "
-                           f"{s.get('copied_response', 0)} echoed answer, {s['empty']} empty)")
+                           f"{s.get('copied_response', 0)} echoed answer, {s['empty']} empty"
+                           + failed_calls(s.get("critic_calls"), "critic") + ")")
     t.add_row("revisions", str(s["revisions"]))
     if s.get("samples"):
         t.add_row("samples (best-of-N)", str(s["samples"]))
@@ -54,7 +55,8 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
         pc = jd.get("position_consistency")
         t.add_row(f"judged comparisons ({judge_kind})",
                   f"{jd['comparisons']} ({jd['confident']} confident, {jd['garbled']} garbled"
-                  + (f", {100 * pc:.0f}% position-consistent" if pc is not None else "") + ")")
+                  + (f", {100 * pc:.0f}% position-consistent" if pc is not None else "")
+                  + failed_calls(jd.get("calls"), "judge") + ")")
     t.add_row("SFT records / pairs", f"{s['sft_records']} / {s['pairs']}")
     t.add_row("SFT loss", span(s["sft"], "loss"))
     from .training import OBJECTIVE_NAMES
@@ -67,8 +69,11 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
         t.add_row("over-refusal", pct(s["eval"]["over_refusal"]))
         if s["eval"].get("violation_rate") is not None:
             t.add_row("rule violations (held out)", pct(s["eval"]["violation_rate"]))
+        if s["eval"].get("detector"):
+            t.add_row("refusals decided by", s["eval"]["detector"]
+                      + failed_calls(_total(s["eval"].get("judge_calls")), "judge", lead="; "))
         if s["eval"].get("win_rate"):
-            t.add_row("win rate vs previous round", pct(s["eval"]["win_rate"]["win_rate"]))
+            t.add_row("win rate vs previous round", win_rate_text(s["eval"]["win_rate"]))
         if s["eval"].get("capability"):
             t.add_row("capability probe accuracy", pct(s["eval"]["capability"]["accuracy"]))
     if s.get("quality") is not None:
@@ -77,6 +82,34 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
     for stage, took in stage_times(s.get("timing") or {}):
         t.add_row(f"  {stage}", took)
     console.print(t)
+
+
+def failed_calls(calls: dict | None, who: str, lead: str = ", ") -> str:
+    """', 3 of 40 judge calls failed, 2 without log-probs' for a server's counts; '' when nothing failed."""
+    if not calls or not (calls.get("failures") or calls.get("missing_logprobs")):
+        return ""
+    parts = [f"{calls['failures']} of {calls['requests']} {who} calls failed"] if calls.get("failures") else []
+    if calls.get("missing_logprobs"):
+        parts.append(f"{calls['missing_logprobs']} of {calls['requests']} without log-probs")
+    return lead + ", ".join(parts)
+
+
+def _total(by_purpose: dict | None) -> dict | None:
+    """Per-purpose call counts (eval.json's judge_calls) added up."""
+    if not by_purpose:
+        return None
+    return {key: sum(c.get(key) or 0 for c in by_purpose.values()) for key in ("requests", "failures",
+                                                                            "missing_logprobs")}
+
+
+def win_rate_text(w: dict) -> str:
+    """'62%', '62% (12 of 16 answers judged)', or 'absent: <why>' when the judge gave no verdict."""
+    if w.get("win_rate") is None:
+        return f"absent: {w.get('absent') or 'no verdicts'}"
+    judged, compared = w.get("judged"), w.get("compared")
+    if judged is not None and compared and judged < compared:
+        return f"{pct(w['win_rate'])} ({judged} of {compared} answers judged)"
+    return pct(w["win_rate"])
 
 
 def print_before_after(console, manifest: dict, baseline: dict | None, final: dict | None = None) -> None:
@@ -92,8 +125,14 @@ def print_before_after(console, manifest: dict, baseline: dict | None, final: di
         f"[bold]before -> after[/]: harmful compliance {pct(baseline['harmful_compliance'])} -> "
         f"{pct(last['harmful_compliance'])}{change(baseline, final, 'harmful_compliance')}, over-refusal "
         f"{pct(baseline['over_refusal'])} -> {pct(last['over_refusal'])}{change(baseline, final, 'over_refusal')} "
-        f"(held out: {last['n_harmful']} harmful + {last['n_benign']} benign prompts, {last['detector']}; policy = "
-        f"base + rounds 1..{stacked[-1]})")
+        f"(held out: {last['n_harmful']} harmful + {last['n_benign']} benign prompts, {detectors(baseline, last)}; "
+        f"policy = base + rounds 1..{stacked[-1]})")
+
+
+def detectors(baseline: dict, last: dict) -> str:
+    """What decided the refusals of both evaluations: one label when they agree, else each by name."""
+    before, after = baseline.get("detector"), last.get("detector")
+    return after if before == after else f"base: {before}, final: {after}"
 
 
 def change(before: dict, after: dict | None, rate: str) -> str:

@@ -45,7 +45,7 @@ from .errors import UserError
 from .evaluation import quality_score  # the run's own formula; evaluation.py imports no torch at module level
 from .layout import BASELINE_EVAL, CRITIC_CHECK, MANIFEST, ROUND_STAGES, round_dir, round_of, stack_entry
 
-STATUSES = ("revise", "no_change", "copied_demonstration", "copied_response", "empty", "too_long")
+STATUSES = ("revise", "no_change", "copied_demonstration", "copied_response", "empty", "too_long", "failed")
 NA = "n/a"
 PLOTS = {  # file name under report/ -> title
     "sft_loss.png": "SFT loss per step",
@@ -289,6 +289,7 @@ def metrics_row(run: dict, r: dict | None) -> dict[str, Any]:
         "violation_rate": _number(ev.get("violation_rate")),
         "response_violation_rate": _number(summary.get("response_violation_rate")),
         "win_rate": _number(win.get("win_rate")),
+        "win_absent": win.get("absent") if isinstance(win.get("absent"), str) else None,
         "wins_losses_ties_garbled": tuple(_number(win.get(key)) for key in ("wins", "losses", "ties", "garbled"))
         if win else None,
         "capability": cap,
@@ -712,11 +713,41 @@ def summary(run: dict, metrics: list[dict]) -> tuple[list[tuple], list[str]]:
         lines.append(f"critic check: FAILED (separation {_fmt(_number(c.get('separation')), 2)}): its critiques are "
                      f"noise; use `critic: teacher` or `critic: api` with a capable model")
     lines.append(_judge_check(run))
+    lines += _detector_lines(run, k)
     seconds = [_number(r["summary"].get("seconds")) for r in run["rounds"]]
     peaks = [v for _, _, mem in peak_memory(run)[1] for v in mem.values() if _number(v) is not None]
     lines.append(f"time: {_fmt(sum(x for x in seconds if x) / 60, 1)} minutes over {len(run['rounds'])} round(s); "
                  f"peak memory: {_fmt(max(peaks) if peaks else None, 2)} GB")
     return figures, lines
+
+
+def _detector_lines(run: dict, k: int | None) -> list[str]:
+    """What decided the held-out refusals of the base model and the final policy (a judge that fell back names how
+    many answers did), whether the final win rate is absent, and every stage whose server calls failed."""
+    from .display import failed_calls
+
+    after = next((r["eval"] for r in run["rounds"] if r["k"] == k), None) if k else None
+    found = {name: ev.get("detector") for name, ev in (("base", run["baseline"]), ("final", after))
+             if isinstance(ev, dict) and isinstance(ev.get("detector"), str)}
+    lines = []
+    if found:
+        lines.append("refusals decided by: " + ("; ".join(f"{name}: {d}" for name, d in found.items())
+                                                 if len(set(found.values())) > 1 else next(iter(found.values()))))
+    win = _dict((after or {}).get("win_rate"))
+    if win.get("absent"):
+        lines.append(f"win rate vs previous round: absent ({win['absent']})")
+    counted = [(f"{name} ({purpose.replace('_', ' ')})", calls, "judge")
+               for name, ev in [("baseline eval", run["baseline"])] + [(f"round {r['k']} eval", r["eval"])
+                                                                       for r in run["rounds"]]
+               for purpose, calls in _dict(_dict(ev).get("judge_calls")).items()]
+    for r in run["rounds"]:
+        counted += [(f"round {r['k']} judge", judge_stats(r).get("calls"), "judge"),
+                    (f"round {r['k']} critique", r["summary"].get("critic_calls"), "critic")]
+    counted.append(("critic check", _dict(run["critic"]).get("critic_calls"), "critic"))
+    failures = [name + said for name, calls, who in counted if (said := failed_calls(_dict(calls), who, ": "))]
+    if failures:
+        lines.append("server calls that failed (counted, below judge.max_failures): " + "; ".join(failures))
+    return lines
 
 
 def _pct(v) -> str:
@@ -851,7 +882,8 @@ def _blocks(run: dict) -> list[tuple]:
         wltg = row["wins_losses_ties_garbled"]
         rows.append(["0 (base)" if row["round"] == 0 else str(row["round"]), row["status"], _fmt(row["quality"]),
                      _fmt(row["harmful_compliance"]), _fmt(row["over_refusal"]), _fmt(row["violation_rate"]),
-                     _fmt(row["response_violation_rate"]), _fmt(row["win_rate"]),
+                     _fmt(row["response_violation_rate"]),
+                     f"absent: {row['win_absent']}" if row["win_absent"] else _fmt(row["win_rate"]),
                      NA if wltg is None else " / ".join(_fmt(v) for v in wltg), _fmt(row["capability"]),
                      NA if row["capability_delta"] is None else f"{row['capability_delta']:+.4f}",
                      _fmt(row["detector"]), _fmt(row["heuristic_disagreement"])])
