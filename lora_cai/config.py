@@ -429,25 +429,27 @@ def recipe_header(path: Path) -> dict[str, str]:
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
-    """A recipe file: a path as given, or a built-in recipe by name (`smoke`)."""
+    """A recipe file: a file path runs the file; otherwise a built-in name runs the built-in (a folder that happens to
+    share its name, such as the notebooks' `smoke/`, shadows nothing); a directory that is no built-in's name is the
+    error."""
     path = Path(name_or_path)
     text = str(name_or_path)
-    if path.exists() or "/" in text or "\\" in text or path.suffix.lower() in (".yaml", ".yml"):
-        if path.is_dir():
-            raise UserError(f"{path}: is a directory, not a recipe file (give a built-in recipe name such as smoke, or "
-                            f"the path to a YAML recipe)")
-        if not path.is_file():
-            raise UserError(f"{path}: recipe file not found (give a built-in recipe name such as smoke, or the path "
-                            f"to a YAML recipe; python -m lora_cai.recipe --list shows the built-ins)")
-        return path
     builtins = builtin_recipes()
-    if text not in builtins:
-        import difflib
+    if path.is_file():
+        return path
+    if text in builtins:
+        return builtins[text]
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a recipe file (give a built-in recipe name such as smoke, or "
+                        f"the path to a YAML recipe)")
+    if path.exists() or "/" in text or "\\" in text or path.suffix.lower() in (".yaml", ".yml"):
+        raise UserError(f"{path}: recipe file not found (give a built-in recipe name such as smoke, or the path "
+                        f"to a YAML recipe; python -m lora_cai.recipe --list shows the built-ins)")
+    import difflib
 
-        close = difflib.get_close_matches(text, list(builtins), n=1)
-        raise UserError(f"{text}: no such built-in recipe{f' (did you mean {close[0]}?)' if close else ''} and no such "
-                        f"file; built-ins: {', '.join(builtins)} (python -m lora_cai.recipe --list)")
-    return builtins[text]
+    close = difflib.get_close_matches(text, list(builtins), n=1)
+    raise UserError(f"{text}: no such built-in recipe{f' (did you mean {close[0]}?)' if close else ''} and no such "
+                    f"file; built-ins: {', '.join(builtins)} (python -m lora_cai.recipe --list)")
 
 
 def builtin_rules(source: str) -> Path:
