@@ -179,6 +179,8 @@ def test_notebook_runs_in_smoke_mode(name, kernel_env, monkeypatch, tmp_path):
     seconds = _execute(name, tmp_path, kernel_env, monkeypatch)
     print(f"{name}: {seconds:.0f} s")
     _check_run(name, tmp_path)
+    # scratch files (the tiny model, constitution files) go under the notebook's own folder, not the top
+    assert {p.name for p in tmp_path.iterdir()} == {"runs", "notebook-files", "executed.ipynb"}
     if name == "write_your_constitution.ipynb":
         manifest = json.loads((tmp_path / EXPECTED[name][0] / "manifest.json").read_text(encoding="utf-8"))
         assert manifest["constitution"]["name"] == "careful_helper"
