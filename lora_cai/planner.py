@@ -358,11 +358,20 @@ def format_plan(estimates: list[StageEstimate]) -> str:
     return "\n".join([line(cols)] + [line(r) for r in rows]) + "\n(GB = GiB; estimates, not measurements)"
 
 
-def fit_training_settings(cfg, settings, stage: str, model_config: dict):
-    """`settings` (cfg.sft or cfg.dpo) with the planner's batch size and gradient accumulation for `stage`
-    when the recipe's batch does not fit `cfg.vram_gb`; the effective batch (batch x accumulation) is kept.
-    Returned unchanged when it fits."""
-    est = next(e for e in plan_recipe(cfg, cfg.vram_gb, model_config=model_config) if e.stage == stage)
-    if est.batch_size >= settings.batch_size:
-        return settings
-    return settings.model_copy(update={"batch_size": est.batch_size, "grad_accum": est.grad_accum})
+def fit_batch(cfg, settings, stage: str, model_config: dict, *, earlier_rounds: int,
+              objective: str = "sigmoid") -> tuple[int, int] | None:
+    """The planner's (batch size, gradient accumulation) for `stage` (settings: cfg.sft or cfg.dpo) when the
+    recipe's batch does not fit `cfg.vram_gb`, keeping the effective batch (batch x accumulation); None when it fits.
+
+    Planned for the round at hand: `earlier_rounds` adapters in memory beside the new one (not the recipe's last
+    round, so that `rounds` decides no round's batch split) and the preference `objective` given by the caller.
+    It reads only what the training stage declares: the model, lora, this stage's batch and length, and vram_gb."""
+    shape = model_shape(model_config)
+    common = dict(vram_gb=cfg.vram_gb, lora_r=cfg.lora.r, target_modules=cfg.lora.target_modules,
+                  load_in_4bit=cfg.model.load_in_4bit, dtype_bytes=4 if cfg.model.dtype == "float32" else 2)
+    extra = {"objective": objective} if stage == "dpo" else {}
+    est, = plan(shape, seq_len=settings.max_length, want_batch=settings.batch_size * settings.grad_accum,
+                stages=(stage,), stack_rank=earlier_rounds * cfg.lora.r, concatenated=cfg.lora.dropout == 0,
+                **extra, **common)
+    return None if est.batch_size >= settings.batch_size else (est.batch_size, est.grad_accum)
+

@@ -881,29 +881,36 @@ def per_process(settings, world: int):
     return settings
 
 
-def fit_to_gpu(cfg, settings, stage: str, console=None):
-    """On a GPU, the recipe's batch for `stage` shrunk (accumulation raised) to fit vram_gb by the planner."""
+def fit_to_gpu(cfg, settings, stage: str, console=None, *, earlier_rounds: int = 0, objective: str = "sigmoid"):
+    """On a GPU, the recipe's batch for `stage` shrunk (accumulation raised) to fit vram_gb by the planner, for a
+    round with `earlier_rounds` adapters in memory."""
     import torch
 
     from . import inputs
     from .offline_models import resolve_model_path
-    from .planner import fit_training_settings, load_model_config
+    from .planner import fit_batch, load_model_config
 
     if not torch.cuda.is_available():
         return settings  # no VRAM budget to fit on a CPU
     try:
         name = resolve_model_path(cfg.model.name)
-        # The training stage's estimate reads the model, lora, the stage's batch and length, and vram_gb: all
-        # declared by the train stage; the planner walks the whole recipe for its other stages' estimates.
-        fitted = fit_training_settings(inputs.unwrap(cfg), settings, stage, load_model_config(name))
+        # Reads the model, lora, the stage's batch and length, and vram_gb through the stage's view: all declared
+        # by the train stage, and recorded like every other read.
+        fitted = fit_batch(cfg, settings, stage, load_model_config(name), earlier_rounds=earlier_rounds,
+                           objective=objective)
     except UserError as e:
         if console is not None:
             console.log(f"planner: {e}; keeping the recipe's {stage} batch")
         return settings
-    if fitted is not settings and console is not None:
+    if fitted is None:
+        return settings
+    if console is not None:
         console.log(f"planner: {stage} batch {settings.batch_size} x accumulation {settings.grad_accum} -> "
-                    f"{fitted.batch_size} x {fitted.grad_accum} to fit vram_gb={cfg.vram_gb:g}")
-    return fitted
+                    f"{fitted[0]} x {fitted[1]} to fit vram_gb={cfg.vram_gb:g}")
+    # A copy with the new split, read through the stage's view like the recipe's own settings: copying through the
+    # view would count as reading every key of the section.
+    copy = inputs.unwrap(settings).model_copy(update={"batch_size": fitted[0], "grad_accum": fitted[1]})
+    return inputs.View(copy, settings.stage, f"{stage}.") if isinstance(settings, inputs.View) else copy
 
 
 def train_stage(ctx, inp, *, stop_before: bool = False):
@@ -939,8 +946,9 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
         objective = inputs.unwrap(cfg).dpo.loss
         sft = sft_records(objective, mix_helpful(read_jsonl(rd / "sft.jsonl"), ctx.data.helpful,
                                                     cfg.sft.helpful_fraction, cfg.seed + k), pairs)
-        sft_cfg = per_process(fit_to_gpu(cfg, cfg.sft, "sft", ctx.console), world)
-        dpo_cfg = per_process(fit_to_gpu(cfg, cfg.dpo, "dpo", ctx.console), world)
+        fit = dict(earlier_rounds=len(ctx.stack), objective=objective)
+        sft_cfg = per_process(fit_to_gpu(cfg, cfg.sft, "sft", ctx.console, **fit), world)
+        dpo_cfg = per_process(fit_to_gpu(cfg, cfg.dpo, "dpo", ctx.console, **fit), world)
         ckpt = rd / "checkpoints"
         if main:
             if (ckpt / "inputs.json").exists() and read_json(ckpt / "inputs.json").get("inputs") != inp.hash:

@@ -51,16 +51,54 @@ def test_plan_picks_smaller_batches_for_smaller_budgets_and_keeps_the_effective_
 
 def test_training_settings_fitted_to_the_budget_keep_the_effective_batch():
     from lora_cai.config import RecipeConfig
-    from lora_cai.planner import fit_training_settings
+    from lora_cai.planner import fit_batch
 
     cfg = RecipeConfig.model_validate({"model": {"name": "Qwen/Qwen2.5-7B-Instruct"}, "data": {"prompts": "builtin:smoke"},
                                        "vram_gb": 16, "sft": {"batch_size": 32, "grad_accum": 2, "max_length": 2048}})
     shape = KNOWN["qwen2.5-7b"]
-    fitted = fit_training_settings(cfg, cfg.sft, "sft", shape)
-    assert fitted.batch_size < 32 and fitted.batch_size * fitted.grad_accum == 64
-    assert fitted.learning_rate == cfg.sft.learning_rate and fitted.max_length == 2048
+    batch, accumulation = fit_batch(cfg, cfg.sft, "sft", shape, earlier_rounds=0)
+    assert batch < 32 and batch * accumulation == 64
     roomy = cfg.model_copy(update={"vram_gb": 1000.0})
-    assert fit_training_settings(roomy, roomy.sft, "sft", shape) is roomy.sft  # fits: untouched
+    assert fit_batch(roomy, roomy.sft, "sft", shape, earlier_rounds=0) is None  # fits: untouched
+
+
+def test_a_rounds_batch_split_depends_on_its_own_stack_not_on_how_many_rounds_the_recipe_has():
+    """`--set rounds=3` on a resumed run must not change round 1's split: the planner plans the round at hand."""
+    from lora_cai.config import RecipeConfig
+    from lora_cai.planner import fit_batch
+
+    base = {"model": {"name": "Qwen/Qwen2.5-7B-Instruct"}, "data": {"prompts": "builtin:smoke"}, "vram_gb": 24,
+            "lora": {"r": 64}, "sft": {"batch_size": 8, "max_length": 2048}}
+    shape = KNOWN["qwen2.5-7b"]
+    splits = {}
+    for rounds in (1, 3, 8):
+        cfg = RecipeConfig.model_validate({**base, "rounds": rounds})
+        splits[rounds] = [(fit_batch(cfg, cfg.sft, "sft", shape, earlier_rounds=k) or (8, 1))[0] for k in (0, 2, 4, 6)]
+    assert splits[1] == splits[3] == splits[8] == [8, 8, 4, 1]  # more earlier adapters in memory: a smaller batch
+
+
+def test_the_gpu_planners_reads_are_the_train_stages_declared_inputs(tiny_model, monkeypatch):
+    """With CUDA faked, `fit_to_gpu` reads the recipe through the train stage's recording view: every key it reads
+    is one the stage declares, `rounds` is not among them, and the planner did run (the batch was cut)."""
+    import torch
+
+    from lora_cai import inputs, training
+    from lora_cai.config import recipe_from_dict
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for loss in ("sigmoid", "kto", "orpo"):
+        cfg = recipe_from_dict({"model": {"name": str(tiny_model)}, "data": {"prompts": "builtin:smoke"}, "rounds": 3,
+                                "vram_gb": 0.9, "sft": {"batch_size": 64, "max_length": 2048},
+                                "dpo": {"loss": loss, "batch_size": 64, "max_length": 2048}})
+        view = inputs.view(cfg, "train")
+        with inputs.recording() as reads:
+            sft = training.fit_to_gpu(view, view.sft, "sft", earlier_rounds=2, objective=loss)
+            dpo = training.fit_to_gpu(view, view.dpo, "dpo", earlier_rounds=2, objective=loss)
+        assert sft.batch_size < 64 and dpo.batch_size < 64, (loss, sft.batch_size, dpo.batch_size)
+        assert sft.batch_size * sft.grad_accum == 64 and sft.learning_rate == cfg.sft.learning_rate
+        assert "rounds" not in reads["train"] and {"vram_gb", "lora.r", "sft.max_length"} <= reads["train"]
+        undeclared = reads["train"] - inputs.declared_keys("train", cfg)
+        assert not undeclared, (loss, sorted(undeclared))
 
 
 
