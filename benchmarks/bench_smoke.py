@@ -3,11 +3,12 @@
 Runs the smoke recipe `--repeats` times from this checkout, each into a fresh run directory (the SmolLM2 model
 already converted into the cache), and prints the wall time of each run, their median and the seconds per
 stage from the run's own ledger (manifest.json `stages`). With `--against DIR` (another checkout, e.g. a
-`git worktree` of an older commit) the two versions alternate run by run (these machines are noisy), each
-version runs its own recipes/smoke.yaml, and the last line is `ratio: X` (this checkout's median / the other's);
-without it the last line is `median: S s`.
+`git worktree` of an older commit) the two versions alternate run by run (these machines are noisy), both run
+the same recipe file (`--recipe`, default this checkout's recipes/smoke.yaml: the same workload on both sides, so
+the ratio is the code's alone), and the last line is `ratio: X` (this checkout's median / the other's); without it
+the last line is `median: S s`. The other checkout must accept the recipe's keys.
 
-    python benchmarks/bench_smoke.py [--repeats 2] [--against ../before]
+    python benchmarks/bench_smoke.py [--repeats 2] [--against ../before] [--recipe recipes/smoke.yaml]
 
 Run it on an idle machine (`uptime` load below 1): it waits 20 s before each run and prints the load then.
 """
@@ -27,12 +28,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 
 
-def one_run(checkout: Path, out: Path) -> tuple[float, dict]:
+def one_run(checkout: Path, recipe: Path, out: Path) -> tuple[float, dict]:
     time.sleep(20)  # let the previous run's load settle
     print(f"  load before the run: {os.getloadavg()[0]:.2f}", flush=True)
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "lora_cai.recipe", "recipes/smoke.yaml", "--output-dir", str(out)],
-                          cwd=checkout, capture_output=True, text=True)
+    # PYTHONPATH: each checkout's own lora_cai, whichever one the environment has installed
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    proc = subprocess.run([sys.executable, "-m", "lora_cai.recipe", str(recipe), "--output-dir", str(out)],
+                          cwd=checkout, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         sys.exit(f"smoke run in {checkout} failed:\n{proc.stderr[-3000:]}")
@@ -44,14 +47,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--against", type=Path, default=None, help="another checkout to alternate with")
+    ap.add_argument("--recipe", type=Path, default=HERE / "recipes" / "smoke.yaml",
+                    help="the recipe file both checkouts run (default: this checkout's recipes/smoke.yaml)")
     args = ap.parse_args()
+    recipe = args.recipe.resolve()
+    print(f"recipe: {recipe} (the same file for every checkout)", flush=True)
     versions = {"this": HERE} if args.against is None else {"this": HERE, "other": args.against.resolve()}
     walls: dict[str, list[float]] = {v: [] for v in versions}
     stages: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for name, checkout in versions.items():
-                wall, per_stage = one_run(checkout, Path(tmp) / f"{name}-{i}")
+                wall, per_stage = one_run(checkout, recipe, Path(tmp) / f"{name}-{i}")
                 walls[name].append(wall)
                 stages[name] = per_stage or stages.get(name, {})
                 print(f"{name} run {i + 1}: {wall:.0f} s", flush=True)
