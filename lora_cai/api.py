@@ -160,6 +160,26 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+def _opener():
+    """A urllib opener that follows no redirect. urllib's own follows 301/302/303 (a POST turned into a GET) with
+    every header, `Authorization` included, to wherever `Location` points: a redirecting server, or one that an
+    attacker controls the redirect of, would receive the API key. An API server has no reason to redirect a client,
+    so a redirect is an error that names the address to use instead."""
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None  # urllib then raises the 3xx as an HTTPError
+
+    return urllib.request.build_opener(NoRedirect)
+
+
+def _redirect_message(url: str, e) -> str:
+    where = e.headers.get("Location") if e.headers else None
+    return (f"{url}: HTTP {e.code} redirect to {where or 'another address'}, not followed (a redirect would carry "
+            f"the API key elsewhere); set base_url to the address the server answers at")
+
+
 def _read_api_key(api_key_env: str | None) -> str | None:
     if api_key_env is None:
         return None
@@ -297,10 +317,13 @@ class ChatClient:
         request = urllib.request.Request(url, data=body, headers=self._headers(), method="POST")
         with self._slots:
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _opener().open(request, timeout=self.timeout) as response:
                     raw = response.read()
             except urllib.error.HTTPError as e:
                 status = e.code
+                if 300 <= status < 400:
+                    e.close()
+                    raise APIError(self._scrub(_redirect_message(url, e))) from None
                 try:
                     detail = e.read(300).decode("utf-8", "replace")
                 except Exception:  # noqa: BLE001 - the body is only a hint
@@ -465,10 +488,12 @@ def check_server(base_url: str, api_key_env: str | None = None, timeout: float =
     if key:
         headers["Authorization"] = f"Bearer {key}"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+        with _opener().open(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
             response.read()
     except urllib.error.HTTPError as e:
         e.close()
+        if 300 <= e.code < 400:
+            raise UserError(_redirect_message(url, e)) from None
         if e.code in (401, 403):
             hint = f"check ${api_key_env}" if api_key_env else "set api_key_env to the variable holding the key"
             raise UserError(f"the server at {url} rejected the request (HTTP {e.code}); {hint}") from None
