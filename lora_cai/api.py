@@ -14,8 +14,9 @@ only (`urllib.request`, a thread pool), and is built to survive a long stage aga
   4xx answers are the caller's fault and fail at once. A garbled answer (not JSON, no `choices`) is counted
   in `stats.garbled` and retried once, then fails;
 * **cache** — with `cache_dir`, each successful answer is stored as one JSON file named by the sha256 of
-  the canonical JSON of (base_url, model, messages, max_tokens, temperature, top_p, seed, stop, logprobs)
-  and written atomically (temp file + `os.replace`), so a rerun of a stage pays for nothing twice. The API
+  the canonical JSON of (base_url, model, identity, messages, max_tokens, temperature, top_p, seed, stop,
+  logprobs), `identity` being what answers behind the model's name where that can change (a policy's trained
+  stack): an answer made by one policy is never read for another. Written atomically (temp file + `os.replace`), so a rerun of a stage pays for nothing twice. The API
   key is never part of the key or the file. Unseeded sampling (`temperature > 0` and `seed=None`) is not
   cached: repeating such a request is meant to give a new sample.
 
@@ -213,7 +214,9 @@ class ChatClient:
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 5, backoff: float = 0.5,
-                 cache_dir: str | Path | None = None, max_delay: float = 30.0):
+                 cache_dir: str | Path | None = None, max_delay: float = 30.0, identity: str | None = None):
+        """`identity`: what answers behind `model` beyond its name (the policy's stack of trained rounds, say), part
+        of every cache key, so an answer cached for one policy is never read for another under the same name."""
         if not base_url or not str(base_url).startswith(("http://", "https://")):
             raise UserError(f"API base_url {base_url!r} must start with http:// or https:// "
                             "(e.g. http://127.0.0.1:8000/v1)")
@@ -222,6 +225,7 @@ class ChatClient:
                             f"max_delay >= 0 (got {concurrency}, {timeout}, {max_retries}, {backoff}, {max_delay})")
         self.base_url = str(base_url).rstrip("/")
         self.model = model
+        self.identity = identity
         self.api_key_env = api_key_env
         self.__key = _read_api_key(api_key_env)  # name-mangled; never printed, cached or logged
         self.concurrency = int(concurrency)
@@ -263,8 +267,9 @@ class ChatClient:
     def cache_key(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int | None = None, stop: list[str] | None = None, logprobs: int | None = None) -> str:
         """The sha256 naming a request's cache file (the API key is not part of it)."""
-        canonical = json.dumps([self.base_url, self.model, messages, max_tokens, temperature, top_p, seed,
-                                list(stop) if stop else None, logprobs],
+        who = [self.base_url, self.model] + ([self.identity] if self.identity is not None else [])
+        canonical = json.dumps([*who, messages, max_tokens, temperature, top_p, seed, list(stop) if stop else None,
+                                logprobs],
                                sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

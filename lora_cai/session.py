@@ -26,6 +26,25 @@ def together_gb(cfg) -> float:
     return total
 
 
+def policy_identity(stack: list[Path]) -> str:
+    """What a server answers for when it serves round k's starting policy: the base and the trained rounds in the
+    stack, each by its train stage's input hash (which derives from everything upstream of it). Part of the API
+    answer cache's key, so a round retrained on other settings never reads answers its old policy gave under the
+    same model name. An adapter without its train record (copied in by hand) counts by its weights' sha256."""
+    import hashlib
+    import json
+
+    parts = ["base"]
+    for adapter in stack:
+        record = Path(adapter).parent / "train.json"
+        inputs = json.loads(record.read_text()).get("inputs") if record.is_file() else None
+        if inputs is None:
+            weights = Path(adapter) / "adapter_model.safetensors"
+            inputs = "sha256:" + hashlib.sha256(weights.read_bytes() if weights.is_file() else b"").hexdigest()
+        parts.append(f"{Path(adapter).parent.name}:{inputs}")
+    return "|".join(parts)
+
+
 class Models:
     """The run's models: at most one policy (base + round k's stack + the new adapter) and one teacher."""
 
@@ -163,7 +182,8 @@ class Models:
             from .generators import APIGenerator
 
             client = ChatClient(g.base_url, g.model.replace("{round}", str(k)), api_key_env=g.api_key_env,
-                                concurrency=g.concurrency, timeout=g.timeout, cache_dir=self.run_dir / "cache" / "api")
+                                concurrency=g.concurrency, timeout=g.timeout, cache_dir=self.run_dir / "cache" / "api",
+                                identity=policy_identity(stack))
             return APIGenerator(client, batch_size=max(g.concurrency * 4, 1))
         return self.local_generator(cfg, *self.for_inference(cfg, k, stack))
 
