@@ -117,6 +117,9 @@ class JudgeConfig(Section):
     api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key "
                                                       "(the key itself is never written anywhere).")
     load_in_4bit: bool = Field(True, description="Load a local teacher in 4-bit NF4.")
+    trust_remote_code: bool = Field(False, description="Allow the teacher's repository to run its own code; its "
+                                                       "own setting, apart from the student's "
+                                                       "`model.trust_remote_code`.")
     rules: str | None = Field(None, description="Rule file for `kind: rule` (`builtin:refuse-harmful`, "
                                                 "`builtin:no-ful`, or a path to YAML): a list of {name, pattern "
                                                 "or detector: refusal, kind: forbid|require, when: {label "

@@ -81,6 +81,8 @@ GENERATOR = ("generation.base_url", If(lambda c: not c.generation.base_url, *MOD
              If(lambda c: bool(c.generation.base_url), "generation.model"))
 GENERATOR_USES = (*POLICY_USES, "generation.api_key_env", "generation.concurrency", "generation.timeout")
 TEACHER = ("judge.model", "judge.load_in_4bit", "model.backend", "model.dtype", "model.max_seq_length")
+# Whether the teacher's repository may run its code: it loads or refuses, it computes nothing else.
+TEACHER_USES = ("judge.trust_remote_code",)
 API = ("judge.base_url", "judge.model")
 # judge.max_failures stops a stage or lets it finish; it changes nothing a finished stage computed.
 API_USES = ("judge.api_key_env", "judge.concurrency", "judge.timeout", "judge.max_failures")
@@ -100,13 +102,14 @@ JUDGE_DATA_RULES = If(_judge("rule"), "judge.rules")
 EVAL = (*MODEL, *LOCAL_BATCH, "eval.max_new_tokens", "eval.capability", "eval.capability_limit", *JUDGE,
         If(_judge("rule"), "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
            "data.label_column"))
-EVAL_USES = (*POLICY_USES, *API_USES)
+EVAL_USES = (*POLICY_USES, *API_USES, *TEACHER_USES)
 
 STAGES: dict[str, Decl] = {
     "critic_check": Decl(
         settings=(*CRITIC, "critique.demonstrations", "critique.temperature", "generation.critique_max_new_tokens",
                   "seed"),
-        data=("constitution", "canaries"), uses=(*GENERATOR_USES, *API_USES, "eval.critic_check", "critique.steps"),
+        data=("constitution", "canaries"), uses=(*GENERATOR_USES, *API_USES, *TEACHER_USES, "eval.critic_check",
+                                                 "critique.steps"),
         exists=lambda c: c.eval.critic_check and c.critique.steps > 0, per_round=False),
     "baseline_eval": Decl(
         settings=EVAL, data=("eval_sets", "capability", "rules", "refusal_detector"), uses=EVAL_USES,
@@ -125,7 +128,7 @@ STAGES: dict[str, Decl] = {
     "critique": Decl(
         settings=(*CRITIC, "critique.steps", "critique.demonstrations", "critique.temperature",
                   "generation.critique_max_new_tokens", "generation.max_new_tokens", "generation.top_p", "seed"),
-        data=("constitution",), after=("responses",), uses=(*GENERATOR_USES, *API_USES)),
+        data=("constitution",), after=("responses",), uses=(*GENERATOR_USES, *API_USES, *TEACHER_USES)),
     "judge": Decl(
         settings=("pairs.builder", "pairs.judge_revisions", "critique.steps", "judge.confidence",
                   If(_judge("rule"), "data.label_column"),

@@ -138,7 +138,7 @@ class Models:
         t = time.time()
         teacher_cfg = ModelConfig(name=j.model, backend=cfg.model.backend, load_in_4bit=j.load_in_4bit,
                                   dtype=cfg.model.dtype, max_seq_length=cfg.model.max_seq_length,
-                                  trust_remote_code=cfg.model.trust_remote_code)
+                                  trust_remote_code=j.trust_remote_code)
         try:
             self.teacher_model, self.teacher_tokenizer = models.load_base(teacher_cfg, backend)
         except UserError as e:

@@ -58,7 +58,7 @@ NEW = {
     "generation.api_key_env": "SOME_KEY", "generation.concurrency": 2, "generation.timeout": 30.0,
     "critic": "self", "critique.steps": 3, "critique.demonstrations": 1, "critique.temperature": 0.5,
     "judge.kind": "self", "judge.model": "other-judge", "judge.base_url": "http://127.0.0.1:7/v1",
-    "judge.api_key_env": "JUDGE_KEY", "judge.load_in_4bit": False, "judge.rules": str(ROOT / "recipes" / "rules" /
+    "judge.api_key_env": "JUDGE_KEY", "judge.load_in_4bit": False, "judge.trust_remote_code": True, "judge.rules": str(ROOT / "recipes" / "rules" /
                                                                                        "no-ful.yaml") + "x",
     "judge.chain_of_thought": False, "judge.cot_max_new_tokens": 64, "judge.confidence": 0.8, "judge.top_logprobs": 5,
     "judge.concurrency": 2, "judge.timeout": 30.0, "judge.cross_check_self": False, "judge.max_failures": 0.5, "pairs.builder": "best_of_n",
