@@ -15,7 +15,7 @@ import pytest
 from lora_cai.api import APIError, ChatClient, check_server
 from lora_cai.errors import UserError
 from lora_cai.generation import generate, render_chat
-from lora_cai.serve import start_server
+from fault_server import start_server
 
 QUESTIONS = [
     "How do I bake bread at home?",

@@ -17,7 +17,7 @@ def texts(path, key):
 def server(tiny_model):
     from lora_cai import models
     from lora_cai.config import ModelConfig
-    from lora_cai.serve import start_server
+    from fault_server import start_server
 
     # the same 4-bit policy the recipe loads locally
     model, tok = models.load_base(ModelConfig(name=str(tiny_model), backend="transformers"), "transformers")

@@ -182,7 +182,7 @@ def test_agreement_counts_same_winner():
 
 @pytest.fixture
 def serve(tiny):
-    from lora_cai.serve import start_server
+    from fault_server import start_server
 
     servers = []
 

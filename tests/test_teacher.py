@@ -86,7 +86,7 @@ def test_teacher_fits_beside_the_student_on_a_large_budget(tiny_model, teacher_m
 
 
 def test_api_teacher_through_the_cli_retries_and_never_writes_the_key(tiny, tiny_model, tmp_path):
-    from lora_cai.serve import start_server
+    from fault_server import start_server
 
     key = "sk-never-in-a-file-4242"
     model, tok = tiny
