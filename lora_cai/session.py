@@ -180,8 +180,9 @@ class Models:
         if not local and g.base_url:
             from .api import ChatClient
             from .generators import APIGenerator
+            from .serve_models import expand_model_template
 
-            client = ChatClient(g.base_url, g.model.replace("{round}", str(k)), api_key_env=g.api_key_env,
+            client = ChatClient(g.base_url, expand_model_template(g.model, k), api_key_env=g.api_key_env,
                                 concurrency=g.concurrency, timeout=g.timeout, cache_dir=self.run_dir / "cache" / "api",
                                 identity=policy_identity(stack))
             return APIGenerator(client, batch_size=max(g.concurrency * 4, 1))
