@@ -80,8 +80,10 @@ class GenerationConfig(Section):
                                                    "which `python -m lora_cai.export RUN --single-adapter` writes "
                                                    "as one adapter (vLLM --lora-modules); held-out eval stays "
                                                    "local.")
-    model: str | None = Field(None, description="Model name on that server; `{round}` is replaced by the round "
-                                                "number (e.g. a vLLM LoRA module per round).")
+    model: str | None = Field(None, description="Model name on that server; `{policy}` becomes the round's "
+                                                "starting policy as `python -m lora_cai.serve RUN` names it "
+                                                "(`base` in round 1, `round-(k-1)` in round k; quote it in YAML), "
+                                                "`{round}` the number k of the round being generated.")
     api_key_env: str | None = Field(None, description="Environment variable holding the server's API key "
                                                       "(the key itself is never written anywhere).")
     concurrency: int = Field(8, gt=0, description="Requests in flight at once to the server.")
