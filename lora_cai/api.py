@@ -29,6 +29,7 @@ that answer is `{"text": None, "error": "..."}` and counts in `stats.failures`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -161,9 +162,11 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+@functools.lru_cache(maxsize=1)
 def _opener():
-    """A urllib opener that follows no redirect. urllib's own follows 301/302/303 (a POST turned into a GET) with
-    every header, `Authorization` included, to wherever `Location` points: a redirecting server, or one that an
+    """The urllib opener every request shares (as `urlopen` shares its own), one that follows no redirect.
+
+    urllib's own follows 301/302/303 (a POST turned into a GET) with every header, `Authorization` included, to wherever `Location` points: a redirecting server, or one that an
     attacker controls the redirect of, would receive the API key. An API server has no reason to redirect a client,
     so a redirect is an error that names the address to use instead."""
     import urllib.request
