@@ -163,10 +163,6 @@ class APIJudge:
         self.calls = Calls()  # every request this judge sent, and what did not come back
         self.last: list[tuple[str | None, str | None]] = []  # the last `score` call's (problem, error) per request
 
-    @property
-    def url(self) -> str:
-        return self.client.base_url
-
     def score(self, conversations: list[list[dict]]) -> list[float | None]:
         """P(A) per conversation; None where the request failed or the answer reads as neither option. A failed
         request and an answer without log-probs are counted in `calls` (`last` says which, per conversation)."""
