@@ -377,19 +377,30 @@ def load_policy(run_dir, *, upto: int | None = None, backend: str = "auto", mode
     stack = manifest["stack"] if upto is None else manifest["stack"][:upto]
     model_cfg = ModelConfig(**{**manifest["model"], **(model_overrides or {})})
     backend = resolve_backend(backend if backend != "auto" else manifest.get("backend", "auto"))
-    from peft import PeftModel  # after the backend: Unsloth must be imported before peft to patch it
-
-    from .concat import concatenate
-
     model, tokenizer = load_base(model_cfg, backend)
     paths = [store.root / rel for rel in stack]
     if paths:
-        last = paths[-1]
-        if not (last / "adapter_config.json").is_file():
-            raise UserError(f"{last}: adapter missing or damaged")
-        model = PeftModel.from_pretrained(model, str(last), adapter_name=stack_name(len(paths)), is_trainable=False)
-        if len(paths) > 1:
-            concatenate(model, stack_name(len(paths)), paths[:-1], trainable=False)
+        model = add_stack_adapter(model, paths, stack_name(len(paths)))
         set_active(model, [stack_name(len(paths))])
     for_inference(model, backend)
     return model, tokenizer
+
+
+def add_stack_adapter(model, paths: list[Path], name: str):
+    """The stack `paths` (rounds 1..k) as one frozen adapter `name` on `model`: round k's own adapter grown by the
+    earlier rounds as frozen slices (`lora_cai.concat`). Wraps a bare model in PEFT, or adds to a PEFT model's
+    adapters; returns the model. Used by `load_policy` and by `serve` for each round it serves."""
+    from peft import PeftModel
+
+    from .concat import concatenate
+
+    last = paths[-1]
+    if not (last / "adapter_config.json").is_file():
+        raise UserError(f"{last}: adapter missing or damaged")
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(last), adapter_name=name, is_trainable=False)
+    else:
+        model = PeftModel.from_pretrained(model, str(last), adapter_name=name, is_trainable=False)
+    if len(paths) > 1:
+        concatenate(model, name, paths[:-1], trainable=False)
+    return model

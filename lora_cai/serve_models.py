@@ -124,19 +124,10 @@ class RunModels:
     def _load_round(self, k: int, paths: list[Path]) -> None:
         """Adapter `round-k`: round k's own adapter grown by rounds 1..k-1, as `load_policy(upto=k)` builds it."""
         from . import concat
-        from .models import for_inference
+        from .models import add_stack_adapter, for_inference
 
-        last, name = paths[-1], policy_name(k)
-        if not (last / "adapter_config.json").is_file():
-            raise UserError(f"{last}: adapter missing or damaged")
-        from peft import PeftModel
-
-        if not isinstance(self.model, PeftModel):
-            self.model = PeftModel.from_pretrained(self.model, str(last), adapter_name=name, is_trainable=False)
-        else:
-            self.model.load_adapter(str(last), adapter_name=name, is_trainable=False)
-        if len(paths) > 1:
-            concat.concatenate(self.model, name, paths[:-1], trainable=False)
+        self.model = add_stack_adapter(self.model, paths, policy_name(k))
+        if hasattr(self.model, concat.ATTR):
             delattr(self.model, concat.ATTR)  # one Concat per model is what training expects; here there are many
         for_inference(self.model, self.backend)
 
