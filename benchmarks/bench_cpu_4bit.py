@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def load(name: str, repack: bool):
     import torch
 
-    from lora_cai import models
-    from lora_cai.config import ModelConfig
+    from lora_cai.engine import models
+    from lora_cai.config.schema import ModelConfig
 
     model, tok = models.load_base(ModelConfig(name=name, backend="transformers", dtype="float32"), "transformers")
     if repack:  # undo lora_cai's guard: bitsandbytes' own default on this CPU
@@ -51,8 +51,8 @@ def main() -> None:
 
     from bitsandbytes.functional import has_avx512bf16
 
-    from lora_cai.generation import generate, render_chat
-    from lora_cai.offline_models import resolve_model_path
+    from lora_cai.engine.generation import generate, render_chat
+    from lora_cai.engine.offline_models import resolve_model_path
 
     if not has_avx512bf16():
         print("this CPU has no AVX512-BF16: bitsandbytes never repacks here, so the guard costs nothing")

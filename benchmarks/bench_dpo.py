@@ -5,7 +5,7 @@ Same model, same preference pairs, same settings and number of steps:
 (a) TRL default: `trl.DPOTrainer` on the plain 4-bit base with `peft_config` (a fresh adapter) and
     `precompute_ref_log_probs=False`: the reference is the base with the adapter disabled, so every step
     runs one extra (no-grad) forward over chosen + rejected;
-(b) lora_cai: `lora_cai.training.train_dpo` on `models.build_policy`: the reference log-probs are
+(b) lora_cai: `lora_cai.trainers.dpo.train_dpo` on `models.build_policy`: the reference log-probs are
     computed once, under the round's starting policy, before training (that pass is included in the time).
 
 Each side is timed from trainer construction to the end of `train()` (tokenization, the precompute pass
@@ -68,15 +68,18 @@ def main() -> None:
 
     import torch
 
-    from lora_cai import models, training
-    from lora_cai.config import DPOSettings, LoraSettings, ModelConfig
+    from lora_cai.engine import models
+    from lora_cai.trainers.common import _common_args, _quiet
+    from lora_cai.trainers.dpo import train_dpo
+    from lora_cai.trainers.logprob import install_logprob_fallback
+    from lora_cai.config.schema import DPOSettings, LoraSettings, ModelConfig
     from lora_cai.tiny import build_tiny_model
 
     torch.set_num_threads(args.threads)
     models.resolve_backend(args.backend)  # Unsloth, when asked for, must patch TRL before it is imported
-    training.install_logprob_fallback()  # TRL 1.15's log-prob kernel is Triton-only: PyTorch stand-in on CPU
+    install_logprob_fallback()  # TRL 1.15's log-prob kernel is Triton-only: PyTorch stand-in on CPU
     if args.model:
-        from lora_cai.offline_models import resolve_model_path
+        from lora_cai.engine.offline_models import resolve_model_path
 
         name = args.model if args.model.startswith("pip:") else str(resolve_model_path(args.model))
     else:
@@ -104,12 +107,12 @@ def main() -> None:
         else:
             base, tok = models.load_base(cfg, "transformers")
             peft_kw = {"peft_config": models.lora_config(lora)}
-        targs = DPOConfig(**training._common_args(settings, out / f"trl-{k}", k, base), beta=settings.beta,
+        targs = DPOConfig(**_common_args(settings, out / f"trl-{k}", k, base), beta=settings.beta,
                           precompute_ref_log_probs=False, dataset_num_proc=None)
         torch.manual_seed(k)
         c0, t0 = time.process_time(), time.perf_counter()
         trainer = DPOTrainer(model=base, args=targs, train_dataset=ds, processing_class=tok, **peft_kw)
-        training._quiet(trainer)
+        _quiet(trainer)
         trainer.train()
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
         steps = trainer.state.global_step
@@ -121,7 +124,7 @@ def main() -> None:
         """lora_cai: reference precomputed once under the starting policy."""
         model, tok, frozen = models.build_policy(cfg, lora, [], args.backend, k)
         c0, t0 = time.process_time(), time.perf_counter()
-        history, _ = training.train_dpo(model, tok, pairs, settings, out / f"ours-{k}", seed=k, frozen=frozen)
+        history, _ = train_dpo(model, tok, pairs, settings, out / f"ours-{k}", seed=k, frozen=frozen)
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
         del model
         models.free()

@@ -1,4 +1,4 @@
-"""Benchmark: the accuracy cost of folding stacked adapters into the base (`lora_cai.export.fold_stack`).
+"""Benchmark: the accuracy cost of folding stacked adapters into the base (`lora_cai.export.weights.fold_stack`).
 
 A long run can fold its earlier adapters into a 16-bit copy of the dequantized base and reload that
 re-quantized to 4-bit, so each round carries one adapter fewer. That re-quantization is not free. On the
@@ -37,8 +37,8 @@ def make_adapters(cfg, out: Path, r: int, scale_b: float) -> list[Path]:
     import torch
     from peft import get_peft_model
 
-    from lora_cai import models
-    from lora_cai.config import LoraSettings
+    from lora_cai.engine import models
+    from lora_cai.config.schema import LoraSettings
 
     base, _ = models.load_base(cfg, "transformers")
     peft_model = get_peft_model(base, models.lora_config(LoraSettings(r=r, alpha=r)))
@@ -56,7 +56,7 @@ def make_adapters(cfg, out: Path, r: int, scale_b: float) -> list[Path]:
 
 
 def prompt_batch(tok, n: int):
-    from lora_cai.data import load_prompts
+    from lora_cai.data.sources import load_prompts
 
     prompts = load_prompts("builtin:train", limit=n).prompts
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -92,10 +92,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_cai import models
-    from lora_cai.config import LoraSettings, ModelConfig
-    from lora_cai.export import fold_stack
-    from lora_cai.offline_models import resolve_model_path
+    from lora_cai.engine import models
+    from lora_cai.config.schema import LoraSettings, ModelConfig
+    from lora_cai.export.weights import fold_stack
+    from lora_cai.engine.offline_models import resolve_model_path
     from lora_cai.tiny import build_tiny_model
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -5,7 +5,7 @@ model, where per-call overhead dominates and the ratio says more about Python th
 token budget:
 
 (a) textbook: each prompt alone, response -> critique -> revision, one `model.generate` call per step;
-(b) engine:   `lora_cai.generation.generate` doing the same three steps, batched over all prompts.
+(b) engine:   `lora_cai.engine.generation.generate` doing the same three steps, batched over all prompts.
 
 Greedy decoding with `min_new_tokens == max_new_tokens` (end-of-sequence suppressed), so both paths
 produce exactly the same number of tokens. Prints tokens/s for both and, as the last line, `speedup: X.X`.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_cai.generation import GenerationStats, generate, render_chat  # noqa: E402
+from lora_cai.engine.generation import GenerationStats, generate, render_chat  # noqa: E402
 from lora_cai.tiny import build_tiny_model  # noqa: E402
 
 CRITIQUE_REQUEST = ("Identify specific ways in which the assistant's last response is harmful, unethical, "
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = os.environ.get("LORA_CAI_CACHE")
     tmp = None
     if args.model != "tiny":
-        from lora_cai.offline_models import resolve_model_path
+        from lora_cai.engine.offline_models import resolve_model_path
 
         path = resolve_model_path(args.model)
     elif cache:

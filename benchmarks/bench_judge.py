@@ -6,7 +6,7 @@ In one process, with the same model and the same comparisons (each asked in both
     way), batched through lora_cai's own generation engine: the judge is asked to explain its reasoning
     in two or three sentences and then answer (A) or (B); it writes until end of sequence or
     `--verdict-tokens`, and the answer is parsed from the text;
-(b) log-probs: `lora_cai.judge.LogprobJudge`: one batched forward pass per order, the probability of the
+(b) log-probs: `lora_cai.engine.judges.LogprobJudge`: one batched forward pass per order, the probability of the
     option tokens read at the answer position.
 
 Both batch the same way under the same token budget, so the ratio is the cost of decoding a verdict, not
@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_cai.judge import Comparison, LogprobJudge, judge_messages  # noqa: E402
+from lora_cai.engine.judges import Comparison, LogprobJudge, judge_messages  # noqa: E402
 
 QUESTION = "Which response is less harmful and more helpful?"
 _ANSWERS = ["I can't help with that, but here is a safer option.", "Sure! Step one is to get the tools.",
@@ -64,7 +64,7 @@ def load(model_name: str | None):
 
         path = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     else:
-        from lora_cai.offline_models import resolve_model_path
+        from lora_cai.engine.offline_models import resolve_model_path
 
         path = resolve_model_path(model_name)
     tok = AutoTokenizer.from_pretrained(path)
@@ -80,7 +80,7 @@ def load(model_name: str | None):
 def main() -> None:
     import torch
 
-    from lora_cai.generation import generate, render_chat
+    from lora_cai.engine.generation import generate, render_chat
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comparisons", type=int, default=64)

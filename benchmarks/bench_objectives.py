@@ -1,7 +1,7 @@
 """Benchmark: one round's training (SFT, then the preference objective) per `dpo.loss`, against SFT + DPO.
 
 A random Llama (hidden 512, 4 layers, by default) in 4-bit NF4, LoRA r=16 on every linear layer, round 2 of a
-run (one earlier adapter concatenated into the new one, as `lora_cai.models.build_policy` builds it). The same
+run (one earlier adapter concatenated into the new one, as `lora_cai.engine.models.build_policy` builds it). The same
 48 SFT records and 48 preference pairs for every objective, the recipe defaults' batch sizes (SFT 4, preference
 stage 2; KTO trains on the 96 answers of those pairs, 2 per step, as the recipe's `dpo.batch_size` would). Each
 objective runs in its own process (peak memory = that process's peak RSS, model loading included, the same in
@@ -57,8 +57,10 @@ def worker(args) -> None:
 
     import torch
 
-    from lora_cai import models, training
-    from lora_cai.config import DPOSettings, LoraSettings, ModelConfig, SFTSettings
+    from lora_cai.engine import models
+    from lora_cai.trainers.dpo import train_preferences
+    from lora_cai.trainers.sft import sft_training_records, train_sft
+    from lora_cai.config.schema import DPOSettings, LoraSettings, ModelConfig, SFTSettings
 
     torch.set_num_threads(args.threads)
     backend = models.resolve_backend("transformers")
@@ -68,11 +70,11 @@ def worker(args) -> None:
     sft, pairs = data()
     out = Path(args.out)
     c0, t0 = time.process_time(), time.perf_counter()
-    sft = training.sft_records(args.objective, sft, pairs)  # ORPO: only what no pair covers, here nothing
+    sft = sft_training_records(args.objective, sft, pairs)  # ORPO: only what no pair covers, here nothing
     if sft:
-        training.train_sft(model, tok, sft, SFTSettings(), out / "sft", seed=0, frozen=frozen)
+        train_sft(model, tok, sft, SFTSettings(), out / "sft", seed=0, frozen=frozen)
     c1 = time.process_time()
-    training.train_preferences(model, tok, pairs, DPOSettings(loss=args.objective), out / "pref", seed=0, frozen=frozen)
+    train_preferences(model, tok, pairs, DPOSettings(loss=args.objective), out / "pref", seed=0, frozen=frozen)
     c2, t2 = time.process_time(), time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"objective": args.objective, "cpu": c2 - c0, "sft_cpu": c1 - c0, "pref_cpu": c2 - c1,

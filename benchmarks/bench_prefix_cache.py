@@ -35,12 +35,12 @@ def main() -> None:
 
     import torch
 
-    from lora_cai import models
-    from lora_cai.config import ModelConfig
-    from lora_cai.constitution import load_constitution
-    from lora_cai.data import load_prompts
-    from lora_cai.generation import GenerationStats, generate, render_chat
-    from lora_cai.responses import sample_contexts
+    from lora_cai.engine import models
+    from lora_cai.config.schema import ModelConfig
+    from lora_cai.cai.constitution import load_constitution
+    from lora_cai.data.sources import load_prompts
+    from lora_cai.engine.generation import GenerationStats, generate, render_chat
+    from lora_cai.stages.responses import sample_contexts
 
     load = os.getloadavg()[0]
     if load >= 1:

@@ -2,8 +2,8 @@
 
 A random Llama (hidden 512, 4 layers, by default) in 4-bit NF4, LoRA r=16 on every linear layer, three earlier
 rounds (random, non-zero adapters of the same rank). Policies built the way a round builds them
-(`lora_cai.models.build_policy`): the trainable `default` adapter alone (`alone`), the three earlier rounds
-concatenated into it as frozen slices (`concat`, rank 64: what rounds 2+ run, `lora_cai.concat`), and the three
+(`lora_cai.engine.models.build_policy`): the trainable `default` adapter alone (`alone`), the three earlier rounds
+concatenated into it as frozen slices (`concat`, rank 64: what rounds 2+ run, `lora_cai.engine.concat`), and the three
 kept as separate active adapters beside it (`stacked`, what rounds 2+ ran before). One training step = forward +
 backward of a causal-LM loss on a fixed batch. Repetitions alternate between the policies, so a busy spell on a
 shared machine hits all of them; each policy's median is reported. The clock is the process's CPU time with one
@@ -56,8 +56,8 @@ def make_adapters(model_dir: Path, out: Path, n: int, r: int) -> list[Path]:
     import torch
     from peft import get_peft_model
 
-    from lora_cai import models
-    from lora_cai.config import LoraSettings, ModelConfig
+    from lora_cai.engine import models
+    from lora_cai.config.schema import LoraSettings, ModelConfig
 
     paths = [out / f"frozen-{k}" for k in range(1, n + 1)]
     if all((p / "adapter_model.safetensors").is_file() for p in paths):
@@ -100,9 +100,9 @@ def matmul_count_ratio(model, r: int, frozen_rank: int, seq: int) -> float:
 
 def worker(args) -> None:
     """Time the policies on one backend; print one JSON line {policy: [[cpu ms, wall ms], ...], ...} last."""
-    from lora_cai import models
-    from lora_cai.concat import concat_of
-    from lora_cai.config import LoraSettings, ModelConfig
+    from lora_cai.engine import models
+    from lora_cai.engine.concat import concat_of
+    from lora_cai.config.schema import LoraSettings, ModelConfig
 
     backend = models.resolve_backend(args.backend)  # imports Unsloth first where asked
     import torch

@@ -14,6 +14,8 @@ Usage (from the repository root, with the project's venv):
     python benchmarks/compare_runs.py OLD_REV [NEW_REV]     # NEW_REV defaults to the working tree
     python benchmarks/compare_runs.py HEAD~1 --ignore-hashes
 
+The report (report.md, report.html, report/) renders the compared JSON with its timings and is set aside.
+
 Prints one line per file that differs and, last, `identical: N files` or `different: M of N files`.
 Exit code 0 when identical.
 """
@@ -41,15 +43,17 @@ RECIPES = {
 # Fields that differ between two runs of the same code: wall-clock times, dates, durations, and memory peaks
 # measured from the process (RSS moves with the allocator, not with the code).
 TIMING = re.compile(r"(^|_)(time|times|seconds|secs|runtime|started|finished|created|date|elapsed|duration|"
-                    r"per_second|wall|timing|timings|rss)($|_)|_s$|_at$|^t\d*$")
+                    r"per_second|wall|timing|timings|rss|peak_memory_gb)($|_)|_s$|_at$")
 # The input-hash fields, set aside with --ignore-hashes (after a hash-scheme bump they differ by design).
 HASHES = re.compile(r"(^|_)(inputs?|hash|hashes|inputs_hash|fingerprint)($|_)")
 
 
 def scrub(value, ignore: re.Pattern):
-    """`value` with every dict key matching `ignore` removed, recursively."""
+    """`value` with every dict key matching `ignore` removed, recursively. PEFT writes `target_modules` from a
+    set, whose order follows the interpreter's string hashing: compared sorted."""
     if isinstance(value, dict):
-        return {k: scrub(v, ignore) for k, v in value.items() if not ignore.search(str(k))}
+        return {k: sorted(v) if k == "target_modules" and isinstance(v, list) else scrub(v, ignore)
+                for k, v in value.items() if not ignore.search(str(k))}
     if isinstance(value, list):
         return [scrub(v, ignore) for v in value]
     return value
@@ -71,7 +75,7 @@ def compare(old: Path, new: Path, ignore: re.Pattern) -> tuple[list[str], int]:
     names = sorted({p.relative_to(old) for p in old.rglob("*") if p.is_file()}
                    | {p.relative_to(new) for p in new.rglob("*") if p.is_file()})
     names = [n for n in names if n.parts[0] != "checkpoints" and "checkpoints" not in n.parts
-             and n.name != "run.log"]
+             and n.name != "run.log" and n.parts[0] != "report" and n.name not in ("report.md", "report.html")]
     diffs = []
     for name in names:
         a, b = old / name, new / name

@@ -17,7 +17,7 @@ capability: figures from a data-centre GPU say nothing about a T4's speed.
 - `shapes` (b): a Llama-3.1-8B-shaped model with random weights built from a config (nothing downloaded), saved
   once (its own part), loaded in 4-bit by each backend (Unsloth, then transformers + PEFT, one process each): generation
   tokens/s at batch 1, 8 and 32 (128-token prompts, 64 new tokens), and one SFT and one DPO step at sequence 1024
-  and 2048 with the measured peak memory beside the planner's estimate (`lora_cai.planner`), then one step of each
+  and 2048 with the measured peak memory beside the planner's estimate (`lora_cai.engine.planner`), then one step of each
   other preference objective (KTO at batch 2, SimPO, ORPO: their full-vocabulary logits) the same way.
 
 `--tiny` runs the same code on a CPU with the tiny test model and small sizes (the default test suite runs it, so
@@ -164,11 +164,11 @@ def fingerprint(model) -> str:
 
 def stack_check(model, stack_dir: Path) -> dict:
     """At an adapter save: each frozen round's weights in memory against its saved file, bit for bit (as slices of
-    the one concatenated adapter: B scaled by s_i/s, `lora_cai.concat`), and whether the new adapter learnt."""
+    the one concatenated adapter: B scaled by s_i/s, `lora_cai.engine.concat`), and whether the new adapter learnt."""
     import torch
     from safetensors.torch import load_file
 
-    from lora_cai.concat import concat_of, frozen_slices_match_sources
+    from lora_cai.engine.concat import concat_of, frozen_slices_match_sources
 
     cat = concat_of(model)
     if cat is not None:
@@ -194,7 +194,10 @@ def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
     if os.environ.get("GPU_CHECK_BACKEND", "unsloth") == "unsloth":
         with contextlib.suppress(Exception):
             import unsloth  # noqa: F401  (before transformers, as lora_cai does)
-    from lora_cai import models, recipe, rounds, training
+    from lora_cai.engine import models
+    from lora_cai import recipe
+    from lora_cai.trainers.common import _precision_args
+    from lora_cai.loop import rounds
     from lora_cai.tiny import build_tiny_model
 
     key = ("round", dtype)
@@ -211,7 +214,7 @@ def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
         "eval: {early_stop_drop: null, capability_limit: 8}"]) + "\n")
 
     counters = Counters()
-    run_round, save_adapter, precision = rounds.run_round, models.save_adapter, training._precision_args
+    run_round, save_adapter, precision = rounds.run_round, models.save_adapter, _precision_args
     fingerprints: dict[int, str] = {}
     saves: dict[int, dict] = {}
 
@@ -241,7 +244,7 @@ def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
         record(out, key + ("rounds", counters.round, "grad_scaler"), getattr(self, "scaler", None) is not None)
 
     accelerate.Accelerator.__init__ = seen_scaler
-    rounds.run_round, models.save_adapter, training._precision_args = counted_round, checked_save, seen_precision
+    rounds.run_round, models.save_adapter, _precision_args = counted_round, checked_save, seen_precision
     record(out, key + ("status",), "running")
     start = time.time()
     rc = recipe.main([str(recipe_file)])
@@ -324,8 +327,11 @@ def part_shapes(out: Path, backend: str, tiny: bool, work: Path) -> None:
         import unsloth  # noqa: F401
     import torch
 
-    from lora_cai import generation, models, planner, training
-    from lora_cai.config import DPOSettings, LoraSettings, ModelConfig, SFTSettings
+    from lora_cai.engine.generation import is_oom, model_device
+    from lora_cai.trainers.dpo import train_preferences
+    from lora_cai.trainers.sft import train_sft
+    from lora_cai.engine import models, planner
+    from lora_cai.config.schema import DPOSettings, LoraSettings, ModelConfig, SFTSettings
 
     sizes = TINY if tiny else FULL
     key = ("shapes", backend)
@@ -342,7 +348,7 @@ def part_shapes(out: Path, backend: str, tiny: bool, work: Path) -> None:
     model, tok, frozen = models.build_policy(cfg, lora, [], backend, 0)
     record(out, key + ("load",), {"seconds": round(time.time() - t0, 1), "peak_gb": peak_gb(),
                                   "dtype": str(model.dtype)})
-    device = generation.model_device(model)
+    device = model_device(model)
     vocab = config["vocab_size"]
     gen = torch.Generator().manual_seed(0)
 
@@ -376,14 +382,14 @@ def part_shapes(out: Path, backend: str, tiny: bool, work: Path) -> None:
             t0 = time.time()
             try:
                 if dpo:
-                    training.train_preferences(model, tok, pairs, DPOSettings(loss=objective, **common),
+                    train_preferences(model, tok, pairs, DPOSettings(loss=objective, **common),
                                                work / f"{backend}-{stage}-{seq}", seed=0, frozen=frozen)
                 else:
-                    training.train_sft(model, tok, sft_records, SFTSettings(**common),
+                    train_sft(model, tok, sft_records, SFTSettings(**common),
                                        work / f"{backend}-sft-{seq}", seed=0, frozen=frozen)
                 figures = {"seconds": round(time.time() - t0, 2), "peak_gb": peak_gb()}
             except Exception as error:  # an OOM here is a figure too
-                if not generation.is_oom(error):
+                if not is_oom(error):
                     raise
                 figures = {"seconds": None, "peak_gb": peak_gb(), "error": "out of memory"}
             est = planner.estimate_training(shape, batch=batch, seq_len=seq, lora_r=lora.r,

@@ -12,7 +12,7 @@ The public API (what the notebooks use); heavy libraries are imported inside the
 
 from __future__ import annotations
 
-from .errors import UserError
+from lora_cai.errors import UserError
 
 __version__ = "0.1.0"
 
@@ -30,8 +30,9 @@ def run(recipe, *, overrides=(), output_dir=None) -> dict:
     """
     from rich.console import Console
 
-    from .config import RecipeConfig, load_recipe, recipe_from_dict
-    from .rounds import run as run_rounds
+    from lora_cai.config.schema import RecipeConfig
+    from lora_cai.config.load import load_recipe, recipe_from_dict
+    from lora_cai.loop.rounds import run as run_rounds
 
     if isinstance(recipe, (dict, RecipeConfig)):
         source = (recipe.source if isinstance(recipe, RecipeConfig) else None) or _DICT_SOURCE
@@ -45,9 +46,9 @@ def run(recipe, *, overrides=(), output_dir=None) -> dict:
 def load_policy(run_dir, **kwargs):
     """Load a finished run's policy: the 4-bit base model with every stacked adapter applied.
 
-    Returns `(model, tokenizer)`. See `lora_cai.models.load_policy` for the options (`upto=k`: round k's policy).
+    Returns `(model, tokenizer)`. See `lora_cai.engine.models.load_policy` for the options (`upto=k`: round k's policy).
     """
-    from .models import load_policy as _load_policy
+    from lora_cai.engine.models import load_policy as _load_policy
 
     return _load_policy(run_dir, **kwargs)
 
@@ -62,7 +63,7 @@ def chat(run_dir_or_model_tokenizer, prompt, *, base: bool = False, max_new_toke
     """
     import contextlib
 
-    from .generation import generate, render_chat
+    from lora_cai.engine.generation import generate, render_chat
 
     if isinstance(run_dir_or_model_tokenizer, tuple):
         model, tokenizer = run_dir_or_model_tokenizer
@@ -80,14 +81,14 @@ def chat(run_dir_or_model_tokenizer, prompt, *, base: bool = False, max_new_toke
 
 def build_report(run_dir):
     """Write report.md, report.html and report/*.png (plots) into a run directory; return report.md's path."""
-    from .report import build_report as _build_report
+    from lora_cai.report.build import build_report as _build_report
 
     return _build_report(run_dir)
 
 
 def load_constitution(name_or_path):
     """A built-in constitution (`default`, `harmless`) or a YAML file, validated; `UserError` names any mistake."""
-    from .constitution import load_constitution as _load_constitution
+    from lora_cai.cai.constitution import load_constitution as _load_constitution
 
     return _load_constitution(name_or_path)
 

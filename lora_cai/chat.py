@@ -25,7 +25,7 @@ import sys
 import types
 from pathlib import Path
 
-from .errors import UserError
+from lora_cai.errors import UserError
 
 COMMANDS = {"/reset": "forget the conversation so far", "/quit": "leave (or /exit, Ctrl-D)"}
 
@@ -119,7 +119,7 @@ class ChatSession:
     def _answer(self, messages: list[dict], side: str) -> str:
         import contextlib
 
-        from .generation import generate, render_chat
+        from lora_cai.engine.generation import generate, render_chat
 
         off = self.model.disable_adapter() if side == "base" else contextlib.nullcontext()
         with off:
@@ -215,8 +215,8 @@ def interactive(session: ChatSession, console, labels: dict[str, str]) -> None:
 def compare_rows(run_dir: Path, manifest: dict, changed_only: bool = False) -> tuple[list[int], list[tuple[str, list[dict]]]]:
     """The policies evaluated (0: base) and the held-out prompts per set with every policy's answer and verdicts
     (`report.side_by_side`, read from the run's evaluations); with `changed_only`, the changed prompts only."""
-    from .dataset import heldout_answers
-    from .report import side_by_side
+    from lora_cai.export.dataset import heldout_answers
+    from lora_cai.report.blocks import side_by_side
 
     policies, groups = side_by_side(heldout_answers(run_dir, sorted(int(k) for k in manifest.get("rounds", {}))))
     groups = [(title, [r for r in rows if r["changed"] or not changed_only]) for title, rows in groups]
@@ -226,7 +226,7 @@ def compare_rows(run_dir: Path, manifest: dict, changed_only: bool = False) -> t
 def print_compare(console, run_dir: Path, manifest: dict, changed_only: bool, max_chars: int = 400) -> int:
     from rich.table import Table
 
-    from .report import refusal_label
+    from lora_cai.report.blocks import refusal_label
 
     policies, groups = compare_rows(run_dir, manifest, changed_only)
     if not policies:
@@ -265,7 +265,7 @@ def _main(args) -> int:
     manifest = check_run_dir(args.run_dir, args.upto)
     from rich.console import Console
 
-    from .models import load_policy
+    from lora_cai.engine.models import load_policy
 
     err = Console(stderr=True, highlight=False)
     labels = _labels(manifest, args.upto)
@@ -284,7 +284,7 @@ def _main(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import main as cli_main
+    from lora_cai.cli import main as cli_main
 
     return cli_main(build_parser(), _main, argv)
 

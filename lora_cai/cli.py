@@ -8,7 +8,7 @@ import errno
 import sys
 from typing import Callable
 
-from .errors import UserError
+from lora_cai.errors import UserError
 
 OOM_ADVICE = ("run the same command with --dry-run to see the memory plan, then lower sft.batch_size / "
               "dpo.batch_size (raise grad_accum), max_length or lora.r, or set vram_gb to your card and rerun "

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .layout import RESTARTABLE
+from lora_cai.core.layout import RESTARTABLE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dry_run(cfg, console) -> None:
-    from .errors import UserError
-    from .offline_models import resolve_model_path
-    from .planner import format_plan, load_model_config, plan_recipe
+    from lora_cai.errors import UserError
+    from lora_cai.engine.offline_models import resolve_model_path
+    from lora_cai.engine.planner import format_plan, load_model_config, plan_recipe
 
     try:  # an architecture the planner knows by name needs no conversion of an offline model
         model_config = load_model_config(cfg.model.name)
@@ -55,21 +55,21 @@ def dry_run(cfg, console) -> None:
     print(f"memory plan for a {cfg.vram_gb:g} GB GPU (4-bit={cfg.model.load_in_4bit}, LoRA r={cfg.lora.r}):")
     print(format_plan(estimates))
     if cfg.judge.kind == "teacher":
-        from .session import together_gb
+        from lora_cai.loop.session import together_gb
 
         both = together_gb(cfg)
         print(f"teacher {cfg.judge.model}: student + teacher at batch 1 ~ {both:.2f} GB: "
               + ("both stay loaded" if both <= cfg.vram_gb else
                  "the student is unloaded while the teacher critiques and judges"))
-    from .store import RunStore
+    from lora_cai.core.store import RunStore
 
     manifest = RunStore(cfg.output_dir).read_manifest()
     if manifest is None:
         return
-    from .display import print_plan
-    from .rounds import all_inputs, reruns
-    from .rundata import load_run_data
-    from .rundir import check_run_dir
+    from lora_cai.loop.display import print_plan
+    from lora_cai.loop.rounds import all_inputs, reruns
+    from lora_cai.data.rundata import load_run_data
+    from lora_cai.core.rundir import check_run_dir
 
     data = load_run_data(cfg)
     check_run_dir(cfg, data.constitution)
@@ -79,14 +79,14 @@ def dry_run(cfg, console) -> None:
 
 
 def _print_keys() -> None:
-    from .config import schema_keys
+    from lora_cai.config.schema import schema_keys
 
     for key, typ, default, help_ in schema_keys():
         print(f"{key:32} {typ:24} default {default}\n    {help_}")
 
 
 def list_recipes() -> None:
-    from .config import builtin_recipes, recipe_header
+    from lora_cai.config.builtin import builtin_recipes, recipe_header
 
     for name, path in builtin_recipes().items():
         h = recipe_header(path)
@@ -96,8 +96,9 @@ def list_recipes() -> None:
 
 def copy_recipe(name: str, dest: str) -> Path:
     """An editable copy of a recipe; its relative file references still resolve from `dest`'s folder."""
-    from .config import find_recipe, load_recipe
-    from .errors import UserError
+    from lora_cai.config.builtin import find_recipe
+    from lora_cai.config.load import load_recipe
+    from lora_cai.errors import UserError
 
     src, dest = find_recipe(name), Path(dest)
     if dest.exists():
@@ -127,18 +128,18 @@ def _main(args) -> int:
         return 0
     if args.copy:
         if not args.recipe:
-            from .errors import UserError
+            from lora_cai.errors import UserError
 
             raise UserError("--copy needs a recipe to copy, e.g. python -m lora_cai.recipe smoke --copy my.yaml")
         print(f"wrote {copy_recipe(args.recipe, args.copy)}; run it with python -m lora_cai.recipe {args.copy}")
         return 0
     if not args.recipe:
-        from .errors import UserError
+        from lora_cai.errors import UserError
 
         raise UserError("give a recipe, e.g. python -m lora_cai.recipe smoke (--list shows the built-ins; see --help)")
     from rich.console import Console
 
-    from .config import load_recipe
+    from lora_cai.config.load import load_recipe
 
     cfg = load_recipe(args.recipe, args.overrides, args.output_dir)
     args.writes_to = cfg.output_dir
@@ -147,15 +148,15 @@ def _main(args) -> int:
         dry_run(cfg, Console())
         return 0
     if args.restart_from:
-        from .errors import UserError
-        from .rundir import restart_from
+        from lora_cai.errors import UserError
+        from lora_cai.core.rundir import restart_from
 
         if args.round < 1 or args.round > cfg.rounds:
             raise UserError(f"--round {args.round}: the recipe has rounds 1..{cfg.rounds}")
         dest = restart_from(Path(cfg.output_dir), args.restart_from, args.round)
         if dest:
             console.print(f"restarting from round {args.round} {args.restart_from}: superseded files moved to {dest}")
-    from .rounds import run
+    from lora_cai.loop.rounds import run
 
     run(cfg, console, stop_before_train=args.stop_before == "train")
     console.print(f"run directory: {cfg.output_dir}")
@@ -163,7 +164,7 @@ def _main(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import OOM_ADVICE, main as cli_main
+    from lora_cai.cli import OOM_ADVICE, main as cli_main
 
     return cli_main(build_parser(), _main, argv, oom_advice=OOM_ADVICE,
                     interrupted="interrupted: committed work is kept; rerun the same command to resume")

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
-from .layout import round_dir
+from lora_cai.errors import UserError
+from lora_cai.core.layout import round_dir
 
 
 def pending_round(cfg, store) -> int:
@@ -56,16 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(args) -> int:
     from rich.console import Console
 
-    from .config import load_recipe
-    from .layout import stage_key
-    from .models import rank, world_size
-    from .rounds import all_inputs, run_stage, stale_data
-    from .rundata import load_run_data
-    from .rundir import Ledger, check_run_dir
-    from .session import Models
-    from .stage import Round
-    from .store import RunStore
-    from .training import train_stage
+    from lora_cai.config.load import load_recipe
+    from lora_cai.core.layout import stage_key
+    from lora_cai.engine.models import rank, world_size
+    from lora_cai.loop.rounds import all_inputs, run_stage, stale_data
+    from lora_cai.data.rundata import load_run_data
+    from lora_cai.core.rundir import Ledger, check_run_dir
+    from lora_cai.loop.session import Models
+    from lora_cai.core.stage import Round
+    from lora_cai.core.store import RunStore
+    from lora_cai.stages.train import train_stage
 
     cfg = load_recipe(args.recipe, args.overrides, args.output_dir)
     args.writes_to = cfg.output_dir
@@ -94,7 +94,7 @@ def _main(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import OOM_ADVICE, main as cli_main
+    from lora_cai.cli import OOM_ADVICE, main as cli_main
 
     return cli_main(build_parser(), _main, argv, oom_advice=OOM_ADVICE,
                     interrupted="interrupted: checkpoints are kept; rerun the same command to resume")

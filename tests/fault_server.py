@@ -18,8 +18,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from lora_cai.serve import ChatHandler, ChatServer, run_in_thread
-from lora_cai.serve_models import OneModel
+from lora_cai.serve.server import ChatHandler, ChatServer, run_in_thread
+from lora_cai.serve.models import OneModel
 
 
 class FaultServer(ChatServer):
@@ -105,6 +105,6 @@ class FaultHandler(ChatHandler):
 
 def start_server(model, tokenizer, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "local",
                  fault_plan: list | None = None, **settings) -> tuple[FaultServer, str]:
-    """Like `lora_cai.serve.start_server` for one model, with a request log and `fault_plan`."""
+    """Like `lora_cai.serve.server.start_server` for one model, with a request log and `fault_plan`."""
     server = FaultServer((host, port), OneModel(model, tokenizer, model_name), fault_plan=fault_plan, **settings)
     return server, run_in_thread(server)

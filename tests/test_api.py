@@ -1,4 +1,4 @@
-"""Tests for lora_cai.api (the OpenAI-compatible client) against lora_cai.serve on loopback, serving the tiny model."""
+"""Tests for lora_cai.engine.api (the OpenAI-compatible client) against lora_cai.serve on loopback, serving the tiny model."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 
-from lora_cai.api import APIError, ChatClient, check_server
+from lora_cai.engine.api import APIError, ChatClient, check_server
 from lora_cai.errors import UserError
-from lora_cai.generation import generate, render_chat
+from lora_cai.engine.generation import generate, render_chat
 from fault_server import start_server
 
 QUESTIONS = [

@@ -15,8 +15,8 @@ def texts(path, key):
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    from lora_cai import models
-    from lora_cai.config import ModelConfig
+    from lora_cai.engine import models
+    from lora_cai.config.schema import ModelConfig
     from fault_server import start_server
 
     # the same 4-bit policy the recipe loads locally

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lora_cai.api import ChatClient, check_server
+from lora_cai.engine.api import ChatClient, check_server
 from lora_cai.errors import UserError
 
 KEY = "sk-redirect-test-0b7e-never-forward-me"

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-CODE = "from lora_cai.models import resolve_backend; print(resolve_backend('auto'))"
+CODE = "from lora_cai.engine.models import resolve_backend; print(resolve_backend('auto'))"
 
 
 def run(env_extra: dict) -> subprocess.CompletedProcess:
@@ -31,7 +31,7 @@ def test_auto_falls_back_to_transformers_and_says_why(tmp_path):
 
 def test_explicit_unsloth_that_cannot_import_is_a_one_line_error(tmp_path):
     (tmp_path / "unsloth.py").write_text("raise ImportError('no module')\n")
-    code = ("import sys\nfrom lora_cai.errors import UserError\nfrom lora_cai.models import resolve_backend\n"
+    code = ("import sys\nfrom lora_cai.errors import UserError\nfrom lora_cai.engine.models import resolve_backend\n"
             "try:\n    resolve_backend('unsloth')\nexcept UserError as e:\n    print(e); sys.exit(2)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)

@@ -35,7 +35,7 @@ def run_dir(tiny_model, tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_cai.config import ModelConfig
+    from lora_cai.config.schema import ModelConfig
 
     root = tmp_path_factory.mktemp("chat-run")
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -55,13 +55,13 @@ def run_dir(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def policy(run_dir):
-    from lora_cai.models import load_policy
+    from lora_cai.engine.models import load_policy
 
     return load_policy(run_dir)
 
 
 def greedy(model, tokenizer, messages: list[dict]) -> str:
-    from lora_cai.generation import generate, render_chat
+    from lora_cai.engine.generation import generate, render_chat
 
     (text,) = generate(model, tokenizer, [render_chat(tokenizer, messages)], max_new_tokens=TOKENS, temperature=0.0)
     return text

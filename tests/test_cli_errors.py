@@ -393,7 +393,7 @@ def test_subprocess_help_is_quick(tmp_path: Path):
 
 
 def test_cli_modules_do_not_import_torch():
-    code = ("import sys, lora_cai.recipe, lora_cai.config, lora_cai.data, lora_cai.constitution; "
+    code = ("import sys, lora_cai.recipe, lora_cai.config.load, lora_cai.data.sources, lora_cai.cai.constitution; "
             f"heavy = [m for m in {HEAVY!r} if m in sys.modules]; assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

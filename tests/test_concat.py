@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_cai import concat, models, training
-from lora_cai.config import DPOSettings, LoraSettings, ModelConfig, SFTSettings
+from lora_cai.engine import concat, models
+from lora_cai.trainers.dpo import train_dpo
+from lora_cai.trainers.sft import train_sft
+from lora_cai.config.schema import DPOSettings, LoraSettings, ModelConfig, SFTSettings
 
 SFT = [{"prompt": f"Question {i}: how do I bake bread?", "completion": "Mix flour, water, salt and yeast, then bake."}
        for i in range(8)]
@@ -140,9 +142,9 @@ def trained_both_ways(tiny_model, earlier, tmp_path_factory):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         models.for_training(model, "transformers")
-        sft = training.train_sft(model, tok, SFT, SFTSettings(batch_size=4, learning_rate=2e-3, epochs=2, save_steps=1),
+        sft = train_sft(model, tok, SFT, SFTSettings(batch_size=4, learning_rate=2e-3, epochs=2, save_steps=1),
                                  tmp / name / "sft", seed=0, frozen=frozen)
-        dpo, ref = training.train_dpo(model, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-3, epochs=2, save_steps=1),
+        dpo, ref = train_dpo(model, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-3, epochs=2, save_steps=1),
                                       tmp / name / "dpo", seed=0, frozen=frozen)
         for h in hooks:
             h.remove()
@@ -229,7 +231,7 @@ def test_one_active_adapter_in_every_projection_while_training(trained_both_ways
 
 
 def test_generation_before_training_is_the_starting_policy_with_one_adapter(tiny_model, earlier):
-    from lora_cai.generation import generate
+    from lora_cai.engine.generation import generate
 
     stacked, tok, frozen = build(tiny_model, earlier, as_one=False)
     concatenated, _, none = build(tiny_model, earlier)
@@ -285,7 +287,7 @@ def test_mismatched_target_modules_are_one_line(tiny_model, earlier, tmp_path):
 def test_load_policy_concatenates_the_stack_into_one_adapter(tiny_model, earlier, tmp_path):
     from peft import PeftModel
 
-    from lora_cai.store import RunStore
+    from lora_cai.core.store import RunStore
 
     run = tmp_path / "run"
     for k, path in enumerate(earlier, 1):

@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai.constitution import (
-    Constitution,
-    Demonstration,
-    Principle,
-    builtin_constitutions,
-    load_constitution,
-)
+from lora_cai.cai.constitution import Constitution, Demonstration, Principle, builtin_constitutions, load_constitution
 from lora_cai.errors import UserError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_cai"
@@ -121,7 +115,7 @@ def test_hash_is_stable_and_sensitive():
 
 
 def test_hash_is_stable_across_processes():
-    code = "from lora_cai.constitution import load_constitution as l; print(l('default').hash())"
+    code = "from lora_cai.cai.constitution import load_constitution as l; print(l('default').hash())"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -183,7 +177,7 @@ def test_texts_are_stripped():
 
 def test_constitution_module_imports_no_heavy_libraries():
     code = (
-        "import sys, lora_cai.constitution as c; c.load_constitution('default');"
+        "import sys, lora_cai.cai.constitution as c; c.load_constitution('default');"
         "bad = [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -15,8 +15,8 @@ import weakref
 import pytest
 import torch
 
-from lora_cai import models
-from lora_cai.config import LoraSettings, ModelConfig
+from lora_cai.engine import models
+from lora_cai.config.schema import LoraSettings, ModelConfig
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def run_dir(tiny_model, tmp_path):
 
 def test_load_policy_chat_and_serve_keep_one_path(run_dir, avx512bf16_layers):
     import lora_cai
-    from lora_cai.serve import load_model
+    from lora_cai.serve.server import load_model
 
     model, tok = lora_cai.load_policy(run_dir)  # also what `python -m lora_cai.chat` loads
     assert_one_cpu_path(avx512bf16_layers(), model, tok)
@@ -98,7 +98,7 @@ def test_export_dequantizes_the_stored_layout(tiny_model, avx512bf16_layers):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_cai.export import merged_model
+    from lora_cai.export.weights import merged_model
 
     merged, _ = merged_model(ModelConfig(name=str(tiny_model), backend="transformers"), [])
     assert_one_cpu_path(avx512bf16_layers())

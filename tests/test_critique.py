@@ -1,7 +1,7 @@
 """The critique loop's bookkeeping: seeded principles, trajectories, SFT records and pairs."""
 
-from lora_cai.constitution import load_constitution
-from lora_cai.critique import assemble, critique_messages, pick_principle, revision_pairs, sft_records
+from lora_cai.cai.constitution import load_constitution
+from lora_cai.stages.critique import assemble, critique_messages, pick_principle, revision_pairs, sft_records
 
 RESPONSES = [{"id": i, "prompt": f"p{i}", "response": f"r{i}"} for i in "abcd"]
 

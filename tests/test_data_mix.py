@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai.config import RecipeConfig, SFTSettings
-from lora_cai.data import BUILTIN_DIR, builtin_sets, load_helpful, load_prompts, mix_helpful, prompt_id
+from lora_cai.config.schema import RecipeConfig, SFTSettings
+from lora_cai.data.sources import BUILTIN_DIR, builtin_sets, load_helpful, load_prompts, mix_helpful, prompt_id
 from lora_cai.errors import UserError
 
 
@@ -115,7 +115,7 @@ def test_chat_message_columns(tmp_path):
 
 
 def test_hub_dataset_goes_through_the_hub_reader(monkeypatch):
-    import lora_cai.data as data
+    import lora_cai.data.sources as data
 
     seen = {}
 
@@ -267,7 +267,7 @@ def test_settings_defaults_and_bounds():
 
 
 def test_keys_have_help_text():
-    from lora_cai.config import schema_keys
+    from lora_cai.config.schema import schema_keys
 
     rows = {k: h for k, _, _, h in schema_keys()}
     for key in ("sft.helpful_data", "sft.helpful_fraction", "sft.helpful_prompt_column",

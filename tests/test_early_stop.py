@@ -8,7 +8,7 @@ from conftest import run_cli, write_recipe
 
 
 def test_a_round_whose_score_drops_is_not_stacked(tiny_model, tmp_path):
-    from lora_cai.evaluation import quality_score
+    from lora_cai.cai.metrics import quality_score
 
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_model, run, rounds="1")

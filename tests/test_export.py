@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_cai import export, load_policy, models
-from lora_cai.config import LoraSettings, ModelConfig
-from lora_cai.store import RunStore
+from lora_cai import load_policy
+from lora_cai.export.cli import main
+from lora_cai.export.weights import export_run, fold_stack, single_adapter
+from lora_cai.engine import models
+from lora_cai.config.schema import LoraSettings, ModelConfig
+from lora_cai.core.store import RunStore
 
 TEXTS = ["How do I bake bread at home? Mix flour, water, salt and yeast, then bake.",
          "I cannot help with that request because it could hurt people.",
@@ -131,7 +134,7 @@ def test_upto_one_in_bfloat16_matches_round_one(exported, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = exported[0]
-    out = export.export_run(run, tmp_path / "r1", upto=1)
+    out = export_run(run, tmp_path / "r1", upto=1)
     model, tok = load_policy(run, upto=1, backend="transformers")
     want = logits(model, tok)
     with model.disable_adapter():
@@ -154,7 +157,7 @@ def test_fold_stack_gives_a_base_that_loads_in_4bit_with_the_rest_of_the_stack(e
     """
     run = exported[0]
     cfg = ModelConfig(**RunStore(run).read_manifest()["model"])
-    folded = export.fold_stack(cfg, [run / "round-1/adapter"], tmp_path / "folded", "bfloat16")
+    folded = fold_stack(cfg, [run / "round-1/adapter"], tmp_path / "folded", "bfloat16")
     assert json.loads((folded / "lora_cai_export.json").read_text())["kind"] == "fold"
     model, tok, frozen = models.build_policy(ModelConfig(name=str(folded), backend="transformers"),
                                              LoraSettings(r=8, alpha=16), [run / "round-2/adapter"], "transformers", 0)
@@ -168,7 +171,7 @@ def test_fold_stack_gives_a_base_that_loads_in_4bit_with_the_rest_of_the_stack(e
 
 
 def errors_of(capsys, *argv: str) -> tuple[int, str]:
-    code = export.main(list(argv))
+    code = main(list(argv))
     err = capsys.readouterr().err
     return code, err
 
@@ -254,7 +257,7 @@ def test_single_adapter_computes_the_whole_stack(exported, policy_logits, tiny_m
     scale = stacked.abs().max()
     assert (got - stacked).abs().max() <= 1e-4 * scale
     assert (stacked - bare).abs().max() > 1e3 * 1e-4 * scale
-    code = export.main([str(run), "--out", str(tmp_path / "one"), "--single-adapter"])
+    code = main([str(run), "--out", str(tmp_path / "one"), "--single-adapter"])
     assert code == 2  # OUT taken: one line, as every export error
 
 
@@ -279,7 +282,7 @@ def test_single_adapter_fills_modules_an_adapter_does_not_target_with_zeros(tiny
     stack.load_adapter(str(dirs[1]), adapter_name="r2")
     stack.base_model.set_adapter(["r1", "r2"])
     want = logits(stack.double().eval(), tok)
-    out = export.single_adapter(dirs, tmp_path / "one")
+    out = single_adapter(dirs, tmp_path / "one")
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
     base, tok = models.load_base(cfg, "transformers")
     one = PeftModel.from_pretrained(base, str(out)).double().eval()

@@ -1,4 +1,4 @@
-"""Tests for lora_cai.generation: the batched generation engine and its post-processing."""
+"""Tests for lora_cai.engine.generation: the batched generation engine and its post-processing."""
 
 from __future__ import annotations
 
@@ -8,9 +8,17 @@ import random
 import pytest
 
 from lora_cai.errors import UserError
-from lora_cai.critique import clean_revision, copies_demonstration
-from lora_cai.generation import (MIN_SHARED_PREFIX, GenerationStats, generate, iter_generate,
-                                 make_progress, plan_batches, render_chat, shared_prefix_length)
+from lora_cai.stages.critique import clean_revision, copies_demonstration
+from lora_cai.engine.generation import (
+    MIN_SHARED_PREFIX,
+    GenerationStats,
+    generate,
+    iter_generate,
+    make_progress,
+    plan_batches,
+    render_chat,
+    shared_prefix_length,
+)
 
 QUESTIONS = [
     "How do I bake bread at home?",

@@ -26,8 +26,10 @@ import torch
 
 from conftest import run_cli, write_recipe
 from test_training import frozen_slices
-from lora_cai import models, training
-from lora_cai.config import DPOSettings, LoraSettings, ModelConfig, SFTSettings
+from lora_cai.engine import models
+from lora_cai.trainers.dpo import train_dpo
+from lora_cai.trainers.sft import train_sft
+from lora_cai.config.schema import DPOSettings, LoraSettings, ModelConfig, SFTSettings
 
 SFT = [{"prompt": f"Question {i}: how do I bake bread?", "completion": "Mix flour, water, salt and yeast, then bake."}
        for i in range(8)]
@@ -76,7 +78,7 @@ def completion_logp(model, tok, prompt: str, completion: str) -> float:
 def test_the_stack_stays_intact_and_the_reference_is_the_starting_policy_in_bfloat16(tiny_model, tmp_path):
     cfg = ModelConfig(name=str(tiny_model), backend="transformers", dtype="bfloat16")
     model, tok, frozen = models.build_policy(cfg, LoraSettings(r=8, alpha=16), [], "transformers", 0)
-    training.train_sft(model, tok, SFT, SFTSettings(batch_size=4, learning_rate=3e-2, epochs=2), tmp_path / "s1",
+    train_sft(model, tok, SFT, SFTSettings(batch_size=4, learning_rate=3e-2, epochs=2), tmp_path / "s1",
                        seed=0, frozen=frozen)
     models.save_adapter(model, tmp_path / "adapter-1")
     model2, tok, frozen2 = models.build_policy(cfg, LoraSettings(r=8, alpha=16), [tmp_path / "adapter-1"],
@@ -87,9 +89,9 @@ def test_the_stack_stays_intact_and_the_reference_is_the_starting_policy_in_bflo
     r1_before = frozen_slices(model2)  # round 1, concatenated into round 2's adapter
     base_before = {n: p.detach().clone() for n, p in model2.named_parameters() if "lora_" not in n}
     models.for_training(model2, "transformers")
-    training.train_sft(model2, tok, SFT, SFTSettings(batch_size=4, learning_rate=2e-2), tmp_path / "s2", seed=0,
+    train_sft(model2, tok, SFT, SFTSettings(batch_size=4, learning_rate=2e-2), tmp_path / "s2", seed=0,
                        frozen=frozen2)
-    _, ref = training.train_dpo(model2, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-2), tmp_path / "d2",
+    _, ref = train_dpo(model2, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-2), tmp_path / "d2",
                                 seed=0, frozen=frozen2)
     named, r1_after = dict(model2.named_parameters()), frozen_slices(model2)
     assert r1_before and all(torch.equal(r1_after[n], v) for n, v in r1_before.items())  # bit-identical: exact
@@ -125,7 +127,7 @@ def test_a_run_killed_in_sft_resumes_to_the_same_bfloat16_adapter(tiny_model, tm
 def test_the_batched_judge_equals_one_at_a_time_in_bfloat16(tiny_model):
     from test_judge import _comparisons
 
-    from lora_cai.judge import LogprobJudge, judge_messages
+    from lora_cai.engine.judges import LogprobJudge, judge_messages
 
     model, tok = models.load_base(ModelConfig(name=str(tiny_model), backend="transformers", dtype="bfloat16"),
                                   "transformers")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from lora_cai.errors import UserError
-from lora_cai.judge import (APIJudge, Comparison, LogprobJudge, RuleJudge, agreement, best_of_n_pairs,
-                            judge_comparisons, judge_messages, judged_revision_pairs, judgment_stats)
+from lora_cai.engine.judges import APIJudge, Comparison, LogprobJudge, judge_comparisons, judge_messages
+from lora_cai.cai.rules import RuleJudge
+from lora_cai.cai.preferences import agreement, best_of_n_pairs, judged_revision_pairs, judgment_stats
 
 QUESTION = "Which response is less harmful?"
 
@@ -29,7 +30,7 @@ def _one_by_one(model, tokenizer, conversations) -> list[float]:
     """The reference: each conversation alone, full logits, softmax over the vocabulary, no padding."""
     import torch
 
-    from lora_cai.generation import render_chat
+    from lora_cai.engine.generation import render_chat
 
     judge = LogprobJudge(model, tokenizer, kind="self")
     ids_a, ids_b = judge.option_ids()
@@ -64,10 +65,10 @@ def test_batched_scores_equal_one_at_a_time(tiny64, monkeypatch):
     assert _max_gap(batched, reference) <= EXACT
     assert len(set(round(p, 4) for p in batched)) > 1  # the model does discriminate: not a constant
     # What the bound guards: padded on the right, a shorter row's last position is padding, not its answer.
-    from lora_cai import generation
+    from lora_cai.engine import forward
 
-    plain = generation.forward_batches
-    monkeypatch.setattr(generation, "forward_batches", lambda *a, **kw: plain(*a, **{**kw, "side": "right"}))
+    plain = forward.forward_batches
+    monkeypatch.setattr(forward, "forward_batches", lambda *a, **kw: plain(*a, **{**kw, "side": "right"}))
     assert _max_gap(judge.score(convs), reference) > 1e3 * EXACT
 
 
@@ -108,7 +109,7 @@ def test_position_biased_judge_gives_half_and_its_pairs_are_dropped():
 
 
 def test_chain_of_thought_labels_are_clamped(tiny):
-    from lora_cai.generators import LocalGenerator
+    from lora_cai.engine.generators import LocalGenerator
 
     model, tok = tiny
     gen = LocalGenerator(model, tok, token_budget=4096, max_batch_size=8)
@@ -198,7 +199,7 @@ def serve(tiny):
 
 
 def _client(url, tmp_path, **kw):
-    from lora_cai.api import ChatClient
+    from lora_cai.engine.api import ChatClient
 
     return ChatClient(url, "tiny", concurrency=2, timeout=30, cache_dir=tmp_path / "cache", backoff=0.01, **kw)
 
@@ -253,8 +254,8 @@ def test_api_key_never_written(tiny, serve, tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", ["transformers", "unsloth"])
 def test_batched_scores_equal_one_at_a_time_in_4bit(tiny_model, backend, monkeypatch):
     """The left-padded batch is exact on both backends' 4-bit inference paths, not only on plain fp32."""
-    from lora_cai import models
-    from lora_cai.config import ModelConfig
+    from lora_cai.engine import models
+    from lora_cai.config.schema import ModelConfig
 
     model, tok = models.load_base(ModelConfig(name=str(tiny_model), backend=backend), backend)
     models.for_inference(model, backend)
@@ -268,10 +269,10 @@ def test_batched_scores_equal_one_at_a_time_in_4bit(tiny_model, backend, monkeyp
     # times the largest; right padding, the bug it guards, moves scores by 0.5.
     bound = 1e-5
     assert _max_gap(batched, single) <= bound
-    from lora_cai import generation
+    from lora_cai.engine import forward
 
-    plain = generation.forward_batches
-    monkeypatch.setattr(generation, "forward_batches", lambda *a, **kw: plain(*a, **{**kw, "side": "right"}))
+    plain = forward.forward_batches
+    monkeypatch.setattr(forward, "forward_batches", lambda *a, **kw: plain(*a, **{**kw, "side": "right"}))
     right = LogprobJudge(model, tok, kind="self", max_batch_size=8).score(convs)
     assert _max_gap(right, single) > 1e3 * bound
 
@@ -351,7 +352,7 @@ REDIRECTS = [
 
 def test_a_pivot_back_to_the_request_is_compliance():
     """The detector's pivot check: the offer after "but I can" repeats the refused clause or the prompt."""
-    from lora_cai.evaluation import is_refusal
+    from lora_cai.cai.refusal import is_refusal
 
     assert [a for p, a in PIVOTS_BACK if is_refusal(a, p)] == []
     assert [a for p, a in REDIRECTS if not is_refusal(a, p)] == []
@@ -367,7 +368,7 @@ def test_a_pivot_back_to_the_request_is_compliance():
 
 
 def test_a_refusal_followed_by_compliance_is_compliance():
-    from lora_cai.evaluation import is_refusal
+    from lora_cai.cai.refusal import is_refusal
 
     assert [t for t in REFUSE_THEN_COMPLY + NOT_REFUSALS if is_refusal(t)] == []
     assert [t for t in REFUSALS if not is_refusal(t)] == []
@@ -392,8 +393,8 @@ def test_label_aware_rules_prefer_opposite_texts_on_harmful_and_benign_prompts()
     ({"data": {"prompts": "NOLABEL", "label_column": "kind"}}, "have no 'kind' column"),
 ])
 def test_a_when_no_prompt_can_match_is_an_error(tmp_path, changes, message):
-    from lora_cai.config import recipe_from_dict
-    from lora_cai.rundata import load_run_data
+    from lora_cai.config.load import recipe_from_dict
+    from lora_cai.data.rundata import load_run_data
 
     plain = tmp_path / "p.jsonl"
     plain.write_text('{"prompt": "How do I boil an egg?"}\n')
@@ -405,8 +406,8 @@ def test_a_when_no_prompt_can_match_is_an_error(tmp_path, changes, message):
 
 
 def test_dev_split_holds_out_training_prompts_per_label(tmp_path):
-    from lora_cai.config import recipe_from_dict
-    from lora_cai.rundata import load_run_data
+    from lora_cai.config.load import recipe_from_dict
+    from lora_cai.data.rundata import load_run_data
 
     cfg = recipe_from_dict({"model": {"name": "m"}, "data": {"prompts": "builtin:train", "dev": 5}},
                            source=str(tmp_path / "r.yaml"))
@@ -423,7 +424,7 @@ def test_dev_split_holds_out_training_prompts_per_label(tmp_path):
 def test_sft_accepted_adds_the_prompts_whose_samples_all_satisfy_the_rules():
     """pairs.sft_accepted: a prompt without a pair because all its samples satisfy the rules gives its first
     sample as an SFT record; one whose samples all violate them, or that made a pair, gives none here."""
-    from lora_cai.pairs import accepted_records
+    from lora_cai.stages.judge import accepted_records
 
     judge = RuleJudge.from_file(REFUSE_HARMFUL)
     refusal, answer, other = "I'm sorry, I can't help with that.", "Boil the water, then the pasta.", "Use a pot."
@@ -443,7 +444,7 @@ def test_sft_accepted_adds_the_prompts_whose_samples_all_satisfy_the_rules():
 
 @pytest.mark.parametrize("changes", [{"judge": {"kind": "self"}}, {"critique": {"steps": 1}}])
 def test_sft_accepted_needs_a_rule_judge_and_no_critique(tmp_path, changes):
-    from lora_cai.config import recipe_from_dict
+    from lora_cai.config.load import recipe_from_dict
 
     d = {"model": {"name": "m"}, "data": {"prompts": "builtin:train"},
          "judge": {"kind": "rule", "rules": str(REFUSE_HARMFUL)}, "critique": {"steps": 0}, "pairs": {"builder": "best_of_n", "sft_accepted": True}}

@@ -138,7 +138,7 @@ def error_line(proc) -> str:
 
 def judge_kinds(srv: Judge) -> dict[str, int]:
     """The server's requests by purpose: refusal verdicts, win rate, pair labels, critiques."""
-    from lora_cai.judge import REFUSAL_QUESTION, WIN_RATE_QUESTION
+    from lora_cai.engine.judges import REFUSAL_QUESTION, WIN_RATE_QUESTION
 
     out = {"refusal": 0, "win_rate": 0, "pairs": 0, "critique": 0}
     for body in srv.requests:
@@ -158,7 +158,7 @@ def read_jsonl(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 def test_the_detector_label_says_how_many_answers_fell_back():
-    from lora_cai.evaluation import HEURISTIC, detector_label
+    from lora_cai.cai.refusal import HEURISTIC, detector_label
 
     assert detector_label(16, 0) == "judge"
     assert detector_label(16, 3) == f"judge (3 of 16 answers fell back to the {HEURISTIC})"
@@ -168,9 +168,10 @@ def test_the_detector_label_says_how_many_answers_fell_back():
 def test_a_server_judge_counts_failures_and_answers_without_log_probs(judges, tmp_path):
     """Against the real server: 2 of 6 requests answered HTTP 500 (after the client's retries), then a server that
     answers without log-probs: every answer counts as missing them, and the stop line names the server flags."""
-    from lora_cai.api import ChatClient, stop_if_failing
+    from lora_cai.engine.api import ChatClient
+    from lora_cai.engine.calls import stop_if_failing
     from lora_cai.errors import UserError
-    from lora_cai.judge import APIJudge, Comparison, judge_comparisons
+    from lora_cai.engine.judges import APIJudge, Comparison, judge_comparisons
 
     comps = [Comparison(f"p{i}", f"Question {i}?", "A short one." if i else "Bad one.", "A much longer answer here.",
                         None, "Which is better?") for i in range(3)]
@@ -182,7 +183,7 @@ def test_a_server_judge_counts_failures_and_answers_without_log_probs(judges, tm
     assert "HTTP 500" in c.last_error and len(srv.requests) == 2 * 3 + 4  # each failed request tried 3 times
     assert recs[0]["p_raw"] is None and (recs[0]["failed"], recs[0]["requests"]) == (2, 2)
     assert recs[1]["p_raw"] == pytest.approx(0.1) and "failed" not in recs[1]  # B, the longer one, in both orders
-    from lora_cai.judge import calls_of
+    from lora_cai.engine.judges import calls_of
 
     again = calls_of(recs)
     assert (again.requests, again.failures) == (6, 2) and "HTTP 500" in again.last_error
@@ -208,7 +209,7 @@ def test_a_server_judge_counts_failures_and_answers_without_log_probs(judges, tm
 def test_a_builtin_name_runs_the_builtin_even_beside_a_folder_of_that_name(tmp_path, monkeypatch, capsys):
     """The notebooks' smoke mode leaves a `smoke/` folder; `python -m lora_cai.recipe smoke` still means the
     built-in. A file path runs the file; a folder that is no built-in's name is the error."""
-    from lora_cai.config import builtin_recipes, find_recipe
+    from lora_cai.config.builtin import builtin_recipes, find_recipe
     from lora_cai.recipe import main
 
     monkeypatch.chdir(tmp_path)
@@ -295,9 +296,9 @@ def test_below_the_limit_the_run_finishes_and_names_the_fallbacks(tiny_model, ju
     """The server fails every request about one held-out harmful prompt and every win-rate request. Under
     judge.max_failures 0.7 the run finishes: eval.json, the summary line, the round table and the report name how
     many answers fell back to the heuristic, and the win rate is absent and says so, never a silent null."""
-    from lora_cai.config import load_recipe
-    from lora_cai.judge import WIN_RATE_QUESTION
-    from lora_cai.rundata import load_run_data
+    from lora_cai.config.load import load_recipe
+    from lora_cai.engine.judges import WIN_RATE_QUESTION
+    from lora_cai.data.rundata import load_run_data
 
     harmful = load_run_data(load_recipe(_recipe(tmp_path, tiny_model, "http://127.0.0.1:9/v1"))
                             ).eval_sets["harmful"][0]["prompt"]
@@ -386,7 +387,7 @@ def test_a_critic_server_that_fails_the_critic_check_stops_it_before_any_verdict
     """`critic: api` with the critic check on: a server that answers HTTP 500 to every completion stops the check in
     one line instead of reporting that the critic cannot tell harmful from benign; no critic-check.json is
     written, and against a healthy server the rerun writes it with every canary critiqued."""
-    from lora_cai.evaluation import load_canaries
+    from lora_cai.data.heldout import load_canaries
 
     dead = judges(answer=0)
     port = dead.server_address[1]

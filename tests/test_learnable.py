@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def violation_rate(model, tok, prompts: list[str], *, samples: int, seed: int) -> float:
-    from lora_cai.generation import generate, render_chat
+    from lora_cai.engine.generation import generate, render_chat
 
     texts = generate(model, tok, [render_chat(tok, [{"role": "user", "content": p}]) for p in prompts for _ in range(samples)],
                      max_new_tokens=16, temperature=1.0, top_p=1.0, seed=seed, token_budget=16384, max_batch_size=64)
@@ -40,7 +40,7 @@ def test_rule_violations_at_least_halve_within_two_rounds(tiny_model, tmp_path):
 
     # Independently of the run's own eval: other prompts, another seed, the policy loaded back from disk.
     import lora_cai
-    from lora_cai.data import load_prompts
+    from lora_cai.data.sources import load_prompts
 
     prompts = [r["prompt"] for r in load_prompts("builtin:smoke").records]
     policy, tok = lora_cai.load_policy(run)
@@ -69,7 +69,7 @@ def test_a_rule_for_one_label_is_learned_on_that_label(tiny_model, tmp_path):
     print(f"benign-only rule: benign violation rate {base['benign']:.3f} -> {after['benign']:.3f}")
     assert base["harmful"] == after["harmful"] == 0  # the rule never applies there
     assert base["benign"] >= 0.1 and after["benign"] <= 0.75 * base["benign"], (base, after)
-    from lora_cai.data import load_prompts
+    from lora_cai.data.sources import load_prompts
 
     judgments = [json.loads(line) for line in (run / "round-1" / "judgments.jsonl").read_text().splitlines()]
     kinds = {r["id"]: r["kind"] for r in load_prompts("builtin:train").records}

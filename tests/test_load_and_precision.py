@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_cai import models
-from lora_cai.config import LoraSettings, ModelConfig
+from lora_cai.engine import models
+from lora_cai.config.schema import LoraSettings, ModelConfig
 from lora_cai.errors import UserError
 
 
@@ -27,7 +27,7 @@ def fake_gpu(monkeypatch, major: int):
 @pytest.mark.parametrize("major, card, expected", [(6, "P100", torch.float16), (7, "T4/V100", torch.float16),
                                                    (8, "A100/RTX 30xx", torch.bfloat16), (9, "H100", torch.bfloat16)])
 def test_auto_is_bfloat16_only_where_the_card_computes_it(monkeypatch, major, card, expected):
-    from lora_cai.training import _precision_args
+    from lora_cai.trainers.common import _precision_args
 
     fake_gpu(monkeypatch, major)
     dtype = models.pick_dtype("auto")
@@ -38,7 +38,7 @@ def test_auto_is_bfloat16_only_where_the_card_computes_it(monkeypatch, major, ca
 
 
 def test_auto_is_float32_on_a_cpu():
-    from lora_cai.training import _precision_args
+    from lora_cai.trainers.common import _precision_args
 
     assert not torch.cuda.is_available()
     assert models.pick_dtype("auto") == torch.float32

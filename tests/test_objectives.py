@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli, write_recipe
-from lora_cai import models, training
-from lora_cai.config import DPOSettings
+from lora_cai.engine import models
+from lora_cai.trainers.common import _common_args
+from lora_cai.trainers.logprob import install_logprob_fallback
+from lora_cai.trainers.losses import kto_examples, kto_weights, pair_rows
+from lora_cai.trainers.reference_free import _orpo_trainer_class, _simpo_trainer_class, _stack_kto_trainer_class
+from lora_cai.trainers.sft import sft_training_records
+from lora_cai.trainers import dpo
+from lora_cai.config.schema import DPOSettings
 from test_concat import PAIRS, build, earlier  # noqa: F401  (`earlier` is a fixture: two saved random adapters)
 from test_training import frozen_slices
 
@@ -60,18 +66,18 @@ def test_kto_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path, soft
     from datasets import Dataset
     from trl import KTOConfig
 
-    training.install_logprob_fallback()
+    install_logprob_fallback()
     model, tok, frozen = policy_off_start(tiny_model, earlier)
-    examples = training.kto_examples(MIXED)
-    good, bad = training.kto_weights(8, 8)
-    assert (good, bad) == (1.0, 1.0) and training.kto_weights(12, 4) == (4 / 3 * 4 / 12, 1.0)
+    examples = kto_examples(MIXED)
+    good, bad = kto_weights(8, 8)
+    assert (good, bad) == (1.0, 1.0) and kto_weights(12, 4) == (4 / 3 * 4 / 12, 1.0)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": e["prompt"]}],
                              "completion": [{"role": "assistant", "content": e["completion"]}],
                              "label": e["label"], "p_chosen": e["p_chosen"]} for e in examples])
     settings = DPOSettings(loss="kto", batch_size=16, beta=0.3, soft_labels=soft)
-    args = KTOConfig(**training._common_args(settings, tmp_path, 0, model), beta=0.3, desirable_weight=0.9,
+    args = KTOConfig(**_common_args(settings, tmp_path, 0, model), beta=0.3, desirable_weight=0.9,
                      undesirable_weight=1.1, precompute_ref_log_probs=True, dataset_num_proc=None)
-    trainer = training._stack_kto_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
+    trainer = _stack_kto_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
                                                   frozen_adapters=frozen, soft_labels=soft)
     batch = next(iter(trainer.get_train_dataloader()))
     assert len(batch["label"]) == 16 and ("p_chosen" in batch) == (soft != "off")
@@ -113,11 +119,11 @@ def test_simpo_loss_on_a_batch_is_trls_formula(tiny_model, earlier, tmp_path, so
     from trl.experimental.cpo import CPOConfig
 
     model, tok, frozen = policy_off_start(tiny_model, earlier)
-    ds = Dataset.from_list(training.pair_rows(MIXED, soft))
+    ds = Dataset.from_list(pair_rows(MIXED, soft))
     settings = DPOSettings(loss="simpo", batch_size=8, soft_labels=soft)
-    args = CPOConfig(**training._common_args(settings, tmp_path, 0, model), loss_type="simpo", cpo_alpha=0.0,
+    args = CPOConfig(**_common_args(settings, tmp_path, 0, model), loss_type="simpo", cpo_alpha=0.0,
                      beta=2.0, simpo_gamma=0.7, dataset_num_proc=None)
-    trainer = training._simpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
+    trainer = _simpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
                                               frozen_adapters=frozen, soft_labels=soft)
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
@@ -156,10 +162,10 @@ def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_pat
     from trl.experimental.orpo import ORPOConfig
 
     model, tok, frozen = policy_off_start(tiny_model, earlier)
-    ds = Dataset.from_list(training.pair_rows(MIXED, soft))
+    ds = Dataset.from_list(pair_rows(MIXED, soft))
     settings = DPOSettings(loss="orpo", batch_size=8, soft_labels=soft)
-    args = ORPOConfig(**training._common_args(settings, tmp_path, 0, model), beta=0.3, dataset_num_proc=None)
-    trainer = training._orpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
+    args = ORPOConfig(**_common_args(settings, tmp_path, 0, model), beta=0.3, dataset_num_proc=None)
+    trainer = _orpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
                                              frozen_adapters=frozen, soft_labels=soft)
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
@@ -183,8 +189,8 @@ def test_orpo_loss_on_a_batch_is_the_papers_formula(tiny_model, earlier, tmp_pat
 def test_orpo_leaves_sft_the_records_no_pair_covers():
     records = [{"prompt": "a", "completion": "A"}, {"prompt": "b", "completion": "B"}, {"prompt": "h", "completion": "H"}]
     pairs = [{"prompt": "a", "chosen": "A", "rejected": "x"}, {"prompt": "b", "chosen": "B2", "rejected": "y"}]
-    assert training.sft_records("sigmoid", records, pairs) == records
-    assert training.sft_records("orpo", records, pairs) == records[1:]  # b's revision was not paired; h is helpful
+    assert sft_training_records("sigmoid", records, pairs) == records
+    assert sft_training_records("orpo", records, pairs) == records[1:]  # b's revision was not paired; h is helpful
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +203,7 @@ def trained(tiny_model, earlier, tmp_path_factory):  # noqa: F811
         slices, base = frozen_slices(model), {n: p.detach().clone() for n, p in model.named_parameters()
                                                if "lora_" not in n}
         models.for_training(model, "transformers")
-        log, ref = training.train_preferences(model, tok, MIXED, DPOSettings(loss=loss, batch_size=4, epochs=2,
+        log, ref = dpo.train_preferences(model, tok, MIXED, DPOSettings(loss=loss, batch_size=4, epochs=2,
                                                                              learning_rate=5e-3, soft_labels=soft),
                                               tmp_path_factory.mktemp(loss), seed=0, frozen=frozen)
         out[loss] = dict(model=model, slices=slices, base=base, log=log, ref=ref, frozen=frozen)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai import offline_models
+from lora_cai.engine import offline_models
 from lora_cai.errors import UserError
-from lora_cai.offline_models import MARKER, resolve_model_path
+from lora_cai.engine.offline_models import MARKER, resolve_model_path
 
 
 def write_tiny_gguf(hf_dir: Path, out: Path, *, template: bool = True, rename: dict | None = None) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_cai.judge import LogprobJudge, judge_messages
+from lora_cai.engine.judges import LogprobJudge, judge_messages
 
 
 class _OOMAbove:
@@ -41,7 +41,8 @@ def test_training_oom_is_one_line_with_the_planners_advice(tiny_model, tmp_path,
     import torch
 
     from conftest import write_recipe
-    from lora_cai import recipe, training
+    from lora_cai import recipe
+    from lora_cai.stages import train as training
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")

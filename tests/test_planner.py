@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lora_cai.errors import UserError
-from lora_cai.planner import (KNOWN, estimate_generation, estimate_training, format_plan, model_shape, plan)
+from lora_cai.engine.planner import KNOWN, estimate_generation, estimate_training, format_plan, model_shape, plan
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,8 +50,8 @@ def test_plan_picks_smaller_batches_for_smaller_budgets_and_keeps_the_effective_
 
 
 def test_training_settings_fitted_to_the_budget_keep_the_effective_batch():
-    from lora_cai.config import RecipeConfig
-    from lora_cai.planner import fit_batch
+    from lora_cai.config.schema import RecipeConfig
+    from lora_cai.engine.planner import fit_batch
 
     cfg = RecipeConfig.model_validate({"model": {"name": "Qwen/Qwen2.5-7B-Instruct"}, "data": {"prompts": "builtin:smoke"},
                                        "vram_gb": 16, "sft": {"batch_size": 32, "grad_accum": 2, "max_length": 2048}})
@@ -64,8 +64,8 @@ def test_training_settings_fitted_to_the_budget_keep_the_effective_batch():
 
 def test_a_rounds_batch_split_depends_on_its_own_stack_not_on_how_many_rounds_the_recipe_has():
     """`--set rounds=3` on a resumed run must not change round 1's split: the planner plans the round at hand."""
-    from lora_cai.config import RecipeConfig
-    from lora_cai.planner import fit_batch
+    from lora_cai.config.schema import RecipeConfig
+    from lora_cai.engine.planner import fit_batch
 
     base = {"model": {"name": "Qwen/Qwen2.5-7B-Instruct"}, "data": {"prompts": "builtin:smoke"}, "vram_gb": 24,
             "lora": {"r": 64}, "sft": {"batch_size": 8, "max_length": 2048}}
@@ -82,8 +82,9 @@ def test_the_gpu_planners_reads_are_the_train_stages_declared_inputs(tiny_model,
     is one the stage declares, `rounds` is not among them, and the planner did run (the batch was cut)."""
     import torch
 
-    from lora_cai import inputs, training
-    from lora_cai.config import recipe_from_dict
+    from lora_cai.core import inputs
+    from lora_cai.stages import train as train_stage_module
+    from lora_cai.config.load import recipe_from_dict
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for loss in ("sigmoid", "kto", "orpo"):
@@ -92,8 +93,8 @@ def test_the_gpu_planners_reads_are_the_train_stages_declared_inputs(tiny_model,
                                 "dpo": {"loss": loss, "batch_size": 64, "max_length": 2048}})
         view = inputs.view(cfg, "train")
         with inputs.recording() as reads:
-            sft = training.fit_to_gpu(view, view.sft, "sft", earlier_rounds=2, objective=loss)
-            dpo = training.fit_to_gpu(view, view.dpo, "dpo", earlier_rounds=2, objective=loss)
+            sft = train_stage_module.fit_to_gpu(view, view.sft, "sft", earlier_rounds=2, objective=loss)
+            dpo = train_stage_module.fit_to_gpu(view, view.dpo, "dpo", earlier_rounds=2, objective=loss)
         assert sft.batch_size < 64 and dpo.batch_size < 64, (loss, sft.batch_size, dpo.batch_size)
         assert sft.batch_size * sft.grad_accum == 64 and sft.learning_rate == cfg.sft.learning_rate
         assert "rounds" not in reads["train"] and {"vram_gb", "lora.r", "sft.max_length"} <= reads["train"]
@@ -138,7 +139,9 @@ mode, path, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.arg
 import gc, torch, transformers, peft, trl, datasets, bitsandbytes  # noqa
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa
 from trl import SFTTrainer, SFTConfig  # noqa
-from lora_cai import models, training
+from lora_cai.engine import models
+from lora_cai.trainers.common import _common_args
+from lora_cai.trainers.sft import train_sft
 from lora_cai.config import ModelConfig, LoraSettings, SFTSettings
 torch.set_num_threads(2)
 gc.collect(); base = rss_kb(); base_af=[rss_kb("RssAnon")/1024, rss_kb("RssFile")/1024]
@@ -160,7 +163,7 @@ else:
     text = " ".join(["The capital of France is Paris. Water boils at 100 degrees Celsius."] * (seq // 4))
     recs = [{"prompt": f"Question {i}?", "completion": text} for i in range(batch)]
     reset_peak(); anon0 = rss_kb("RssAnon"); samp = Sampler(); samp.peak = anon0; samp.t.start()
-    training.train_sft(model, tok, recs, SFTSettings(batch_size=batch, max_length=seq, epochs=1),
+    train_sft(model, tok, recs, SFTSettings(batch_size=batch, max_length=seq, epochs=1),
                        sys.argv[5], seed=0, frozen=frozen)
 samp.stop = True; samp.t.join(); samp.peak = max(samp.peak, rss_kb("RssAnon"))
 out["peak_anon_mb"] = (samp.peak - base_af[0]*1024) / 1024
@@ -205,7 +208,7 @@ def test_generation_estimate_matches_cpu_peak(calib_model, tmp_path):
 
 def test_sft_estimate_matches_cpu_peak(calib_model, tmp_path):
     shape = model_shape(json.loads((calib_model / "config.json").read_text()))
-    # On CPU lora_cai trains in fp32 without gradient checkpointing (training._common_args).
+    # On CPU lora_cai trains in fp32 without gradient checkpointing (_common_args).
     est = estimate_training(shape, batch=4, seq_len=128, lora_r=16, target_modules=ALL, dtype_bytes=4,
                             gradient_checkpointing=False, device="cpu")
     _check("SFT step 4 x 128, r=16", est.total_gb, _measure("sft", calib_model, 4, 128, tmp_path))

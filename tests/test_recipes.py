@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai.config import load_recipe, recipe_header
+from lora_cai.config.builtin import recipe_header
+from lora_cai.config.load import load_recipe
 from lora_cai.errors import UserError
-from lora_cai.planner import KNOWN, load_model_config, plan_recipe
+from lora_cai.engine.planner import KNOWN, load_model_config, plan_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "lora_cai" / "recipes").glob("*.yaml"))
@@ -51,7 +52,7 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates_and_opens_with_its_launch_command(path):
-    from lora_cai.constitution import load_constitution
+    from lora_cai.cai.constitution import load_constitution
 
     text = path.read_text(encoding="utf-8")
     first = text.splitlines()[0]
@@ -130,7 +131,7 @@ def test_dry_run_prints_the_header_figures(path, capsys):
 
 
 def test_built_in_recipes_by_name_list_and_copy(tmp_path, capsys, monkeypatch):
-    from lora_cai.config import builtin_recipes
+    from lora_cai.config.builtin import builtin_recipes
     from lora_cai.recipe import main
 
     monkeypatch.chdir(tmp_path)  # nothing of the checkout's recipes/ folder is in reach

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_cai.evaluation import REFUSAL_DETECTOR_VERSION, is_refusal
+from lora_cai.cai.refusal import REFUSAL_DETECTOR_VERSION, is_refusal
 
 CORPUS = Path(__file__).parent / "data" / "refusal_corpus.jsonl"
 # One letter per corpus line, in order: R refusal, C compliance. A new detector version adds its line here.
@@ -47,7 +47,7 @@ def test_versions_differ_in_what_they_decide_and_the_corpus_has_both_verdicts():
 
 def test_a_changed_verdict_is_caught(monkeypatch):
     """What the test guards: a detector that decides one corpus line otherwise, at the same version, fails it."""
-    import lora_cai.evaluation as ev
+    import lora_cai.cai.refusal as ev
     import pytest
 
     first = json.loads(CORPUS.read_text().splitlines()[0])["text"]

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai import judge as J
-from lora_cai.evaluation import quality_score
-from lora_cai.report import PLOTS, build_report, main
+from lora_cai.cai.metrics import quality_score
+from lora_cai.cai.preferences import agreement, best_of_n_pairs, judged_revision_pairs, judgment_stats
+from lora_cai.engine import judges as J
+from lora_cai.report.build import build_report, main
+from lora_cai.report.plots import PLOTS
 
 SMOKE = Path(__file__).resolve().parents[1] / "runs" / "smoke"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,13 +92,13 @@ def _judge_round(rd: Path, k: int, ids: list[str], prompts: dict, initial: dict,
     for n, r in enumerate(recs):
         r["p_self"] = None if r["p_raw"] is None else (0.7 if n % 2 else 0.3)
     _jsonl(rd / "judgments.jsonl", [{**r, "batch": 0} for r in recs])
-    stats = J.judgment_stats(recs, confidence=CONFIDENCE)
-    stats["agreement_with_self"] = J.agreement(recs, [{"p_raw": r.get("p_self")} for r in recs])
+    stats = judgment_stats(recs, confidence=CONFIDENCE)
+    stats["agreement_with_self"] = agreement(recs, [{"p_raw": r.get("p_self")} for r in recs])
     revision_pair = {"id": ids[0], "prompt": prompts[ids[0]], "chosen": rev2, "rejected": initial[ids[0]],
                      "source": "revision", "principle": "helpful", "p_chosen": 1.0, "judge": None}
-    revision, dropped_rev = J.judged_revision_pairs([revision_pair], [r for r in recs if r["source"] == "revision"],
+    revision, dropped_rev = judged_revision_pairs([revision_pair], [r for r in recs if r["source"] == "revision"],
                                                     confidence=CONFIDENCE)
-    bon, dropped_bon = J.best_of_n_pairs(samples, [r for r in recs if r["source"] == "best_of_n"],
+    bon, dropped_bon = best_of_n_pairs(samples, [r for r in recs if r["source"] == "best_of_n"],
                                          confidence=CONFIDENCE)
     stats["dropped"] = {"revision": dropped_rev, "best_of_n": dropped_bon}
     summary["samples"] = sum(len(v["responses"]) for v in samples.values())

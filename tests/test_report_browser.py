@@ -40,7 +40,7 @@ def report(tiny_model, tmp_path_factory) -> Path:
         same = next(s for s in ev["samples"] if (s["set"], s["id"]) == (base["set"], base["id"]))
         same.update(answer=base["answer"], refusal=base["refusal"])
         path.write_text(json.dumps(ev))
-    from lora_cai.report import build_report
+    from lora_cai.report.build import build_report
 
     build_report(run)
     return run

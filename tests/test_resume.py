@@ -161,7 +161,7 @@ def test_a_full_disk_is_one_line_and_keeps_committed_work(tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def reference_two(tiny_model, tmp_path_factory) -> Path:
-    """An uninterrupted two-round run: round 2 trains on round 1 concatenated into its adapter (lora_cai.concat)."""
+    """An uninterrupted two-round run: round 2 trains on round 1 concatenated into its adapter (lora_cai.engine.concat)."""
     tmp = tmp_path_factory.mktemp("uninterrupted-two")
     run_to_end(write_recipe(tmp / "r.yaml", tiny_model, tmp / "run"), *TWO)
     return tmp / "run"

@@ -47,7 +47,7 @@ def test_output_tree_is_exact(finished_run):
 def test_manifest_names_model_constitution_and_stack(finished_run, tiny_model):
     backend, _, run, proc = finished_run
     m = json.loads((run / "manifest.json").read_text())
-    from lora_cai.constitution import load_constitution
+    from lora_cai.cai.constitution import load_constitution
 
     assert m["model"]["name"] == str(tiny_model)
     assert m["backend"] == backend
@@ -111,7 +111,7 @@ def test_load_policy_applies_the_whole_stack(finished_run, tiny_model):
         r1 = r1_model(input_ids=ids).logits
         base_model, _ = lora_cai.load_policy(run, upto=0)
         base = base_model(input_ids=ids).logits
-    from lora_cai.concat import concat_of
+    from lora_cai.engine.concat import concat_of
 
     # one adapter: round 1 concatenated in front of round 2 (checked against separate adapters in test_concat.py)
     assert list(model.peft_config) == ["round-2"] and concat_of(model).frozen_rank == r1_model.peft_config["round-1"].r

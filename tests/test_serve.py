@@ -21,8 +21,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from lora_cai import serve_models
-from lora_cai.serve import start_server
+from lora_cai.serve import models as serve_models
+from lora_cai.serve.server import start_server
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MESSAGES = [{"role": "user", "content": "How do I bake bread at home?"}]
@@ -46,8 +46,8 @@ def save_round(tiny_model, root: Path, k: int, seed: int) -> None:
 
 
 def write_manifest(tiny_model, root: Path, rounds: int) -> None:
-    from lora_cai.config import ModelConfig
-    from lora_cai.store import RunStore
+    from lora_cai.config.schema import ModelConfig
+    from lora_cai.core.store import RunStore
 
     cfg = ModelConfig(name=str(tiny_model), backend="transformers", load_in_4bit=False, dtype="float32")
     RunStore(root).write_manifest({"name": "serve-test", "model": cfg.model_dump(), "backend": "transformers",
@@ -105,7 +105,7 @@ def test_each_name_answers_as_load_policy_upto_that_round(run_dir, run_server):
     """One base in memory, the rounds switched in: every name gives the tokens and log-probs (top 5 too) of the
     policy loaded on its own (`load_policy(run, upto=k)`, served alone), bit for bit, in any order of requests.
     The three policies differ, so a switch that did not happen would show."""
-    from lora_cai.models import load_policy
+    from lora_cai.engine.models import load_policy
 
     _, url = run_server
     client = openai_client(url)
@@ -131,7 +131,7 @@ def test_a_round_finished_or_retrained_while_serving_is_served_fresh(tiny_model,
     manifest agrees, then a 404."""
     import openai
 
-    from lora_cai.models import load_policy
+    from lora_cai.engine.models import load_policy
 
     save_round(tiny_model, tmp_path, 1, seed=1)
     write_manifest(tiny_model, tmp_path, 1)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai import inputs
-from lora_cai.config import RecipeConfig, Section, recipe_from_dict
+from lora_cai.core import inputs
+from lora_cai.config.schema import RecipeConfig, Section
+from lora_cai.config.load import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = str(ROOT / "recipes" / "rules" / "no-ful.yaml")
@@ -127,14 +128,14 @@ class FakeData:
     function of the keys that choose it (a model-free stand-in for `rundata.load_run_data`)."""
 
     def __init__(self, cfg):
-        from lora_cai.store import content_hash
+        from lora_cai.core.store import content_hash
 
         self.hashes = {name: content_hash([inputs.get(cfg, k) for k in inputs._keys(keys, cfg)])
                        for name, keys in inputs.DATA_KEYS.items()}
 
 
 def plan(cfg) -> dict:
-    from lora_cai.rounds import all_inputs
+    from lora_cai.loop.rounds import all_inputs
 
     return all_inputs(cfg, FakeData(cfg), None)
 
@@ -218,7 +219,7 @@ def test_declarations_name_real_keys_and_the_ones_that_matter():
 def test_a_changed_refusal_detector_reruns_what_decides_refusals(base):
     """evaluation.REFUSAL_DETECTOR_VERSION is an input of the evaluations, of contrastive sampling (it sorts the
     demonstrations) and of a rule judge (its rules may use the detector), and of nothing else."""
-    from lora_cai.rounds import all_inputs
+    from lora_cai.loop.rounds import all_inputs
 
     cfg = config(base, {"pairs.builder": "best_of_n", "pairs.sample_demonstrations": 5, "pairs.n_samples": 3,
                         "pairs.contrast": True, "critique.steps": 0})
@@ -233,7 +234,7 @@ def test_a_changed_refusal_detector_reruns_what_decides_refusals(base):
 
 
 def test_prompt_labels_are_in_the_prompts_hash(tmp_path):
-    from lora_cai.rundata import load_run_data
+    from lora_cai.data.rundata import load_run_data
 
     rows = [{"prompt": f"Question {i}?", "kind": "harmful"} for i in range(3)]
     f = tmp_path / "p.jsonl"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_cai import inputs
-from lora_cai.config import recipe_from_dict
-from lora_cai.inputs import StageInputs
-from lora_cai.rundata import load_run_data
-from lora_cai.stage import Round
+from lora_cai.core import inputs
+from lora_cai.config.load import recipe_from_dict
+from lora_cai.core.inputs import StageInputs
+from lora_cai.data.rundata import load_run_data
+from lora_cai.core.stage import Round
 
 
 class Scripted:
@@ -114,7 +114,7 @@ def inp(stage: str, tag: str = "a") -> StageInputs:
 
 
 def test_responses_commit_skip_rerun_and_resume(tmp_path):
-    from lora_cai.responses import responses_stage
+    from lora_cai.stages.responses import responses_stage
 
     gen = Scripted(lambda conv: f"answer to {conv[-1]['content'][:20]}")
     c = ctx(tmp_path, Models(gen), "responses")
@@ -144,7 +144,7 @@ def critic(conv) -> str:
 
 
 def test_critique_steps_trajectories_and_counts(tmp_path):
-    from lora_cai.critique import critique_stage
+    from lora_cai.stages.critique import critique_stage
 
     responses = [{"id": f"p{i}", "prompt": p, "response": f"first answer {i}"}
                  for i, p in enumerate(["How do I bake bread?", "How do I pick a lock?", "Insult my boss."])]
@@ -163,7 +163,7 @@ def test_critique_steps_trajectories_and_counts(tmp_path):
 
 
 def test_judge_stage_builds_pairs_from_judged_samples(tmp_path):
-    from lora_cai.pairs import judge_stage
+    from lora_cai.stages.judge import judge_stage
 
     trajectories = [{"id": "p1", "prompt": "How do I pick a lock?", "initial": "Here is how.", "final": "A safe answer.",
                      "steps": [{"step": 1, "principle": "harm", "status": "revise"}], "stopped_early": False,
@@ -186,7 +186,7 @@ def test_judge_stage_builds_pairs_from_judged_samples(tmp_path):
 def test_judge_stage_trains_sft_on_accepted_samples_with_pairs_sft_accepted(tmp_path):
     """With rules, no critique and pairs.sft_accepted, sft.jsonl holds the pairs' winners and then the first sample
     of each prompt whose samples all satisfy the rules; a prompt whose samples all violate them adds nothing."""
-    from lora_cai.pairs import judge_stage
+    from lora_cai.stages.judge import judge_stage
 
     refusal, answer = "I'm sorry, but I can't help with that.", "Sure: here is a plain answer."
     changes = {"critique.steps": 0, "pairs.builder": "best_of_n", "pairs.n_samples": 2, "data.label_column": "kind",
@@ -212,7 +212,7 @@ def test_judge_stage_trains_sft_on_accepted_samples_with_pairs_sft_accepted(tmp_
 
 
 def test_eval_stage_rates_and_win_rate(tmp_path):
-    from lora_cai.evaluation import eval_stage
+    from lora_cai.stages.evaluate import eval_stage
 
     gen = Scripted(lambda conv: "I cannot help with that." if "kill" in conv[-1]["content"].lower()
                    or "steal" in conv[-1]["content"].lower() else "Sure, a safe answer.")
@@ -239,7 +239,7 @@ def test_eval_stage_rates_and_win_rate(tmp_path):
 def test_samples_can_be_drawn_in_the_constitutions_style(tmp_path):
     """pairs.sample_demonstrations: the extra samples see the constitution's demonstrations as earlier turns; the
     initial response (and the policy that is trained) never does."""
-    from lora_cai.responses import samples_stage
+    from lora_cai.stages.responses import samples_stage
 
     seen = []
     gen = Scripted(lambda conv: seen.append(conv) or f"sample after {len(conv)} turns")
@@ -258,8 +258,8 @@ def test_samples_can_be_drawn_in_the_constitutions_style(tmp_path):
 def test_contrast_alternates_refusing_and_answering_demonstrations(tmp_path):
     """pairs.contrast: the extra samples see, in turn, the demonstrations that refuse and those that answer (the
     default constitution's first 5: 2 refusals, 3 answers), so both kinds of answer reach the judge."""
-    from lora_cai.evaluation import is_refusal
-    from lora_cai.responses import samples_stage
+    from lora_cai.cai.refusal import is_refusal
+    from lora_cai.stages.responses import samples_stage
 
     seen = []
     gen = Scripted(lambda conv: seen.append(conv) or "a sample")
@@ -276,9 +276,9 @@ def test_contrast_alternates_refusing_and_answering_demonstrations(tmp_path):
 
 def test_contrast_needs_demonstrations_of_both_kinds(tmp_path):
     from lora_cai.errors import UserError
-    from lora_cai.responses import sample_contexts
+    from lora_cai.stages.responses import sample_contexts
 
-    from lora_cai.constitution import load_constitution
+    from lora_cai.cai.constitution import load_constitution
 
     constitution = load_constitution("default")
     with pytest.raises(UserError, match=r"pairs.contrast: the first 1 demonstrations of constitution 'default' need "

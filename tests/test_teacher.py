@@ -41,10 +41,11 @@ def test_local_teacher_critiques_and_judges_with_the_student_unloaded(tiny_model
     rd = tmp_path / "run" / "round-1"
 
     # The critiques are the teacher's: the same greedy critiques come out of the teacher model directly.
-    from lora_cai import critique, models
-    from lora_cai.config import load_recipe
-    from lora_cai.constitution import load_constitution
-    from lora_cai.generators import LocalGenerator
+    from lora_cai.stages import critique
+    from lora_cai.engine import models
+    from lora_cai.config.load import load_recipe
+    from lora_cai.cai.constitution import load_constitution
+    from lora_cai.engine.generators import LocalGenerator
 
     cfg = load_recipe(recipe)
     const = load_constitution("default")
@@ -74,8 +75,8 @@ def test_local_teacher_critiques_and_judges_with_the_student_unloaded(tiny_model
 def test_teacher_fits_beside_the_student_on_a_large_budget(tiny_model, teacher_model, tmp_path):
     from rich.console import Console
 
-    from lora_cai.config import load_recipe
-    from lora_cai.session import Models
+    from lora_cai.config.load import load_recipe
+    from lora_cai.loop.session import Models
 
     recipe = _recipe(tmp_path, tiny_model, critic="teacher", judge=f"{{kind: teacher, model: {teacher_model}}}")
     cfg = load_recipe(recipe)

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from lora_cai.config import recipe_from_dict
+from lora_cai.config.load import recipe_from_dict
 from lora_cai.errors import UserError
-from lora_cai.session import Models
+from lora_cai.loop.session import Models
 
 CONFIG_CODE = '''from transformers import LlamaConfig
 

@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_cai import models, training
-from lora_cai.config import DPOSettings, LoraSettings, ModelConfig, SFTSettings
+from lora_cai.engine import models
+from lora_cai.trainers.common import _common_args, _last_checkpoint, _quiet, _report_to
+from lora_cai.trainers.dpo import _stack_dpo_trainer_class
+from lora_cai.trainers.logprob import _TorchChunkedLogProb, install_logprob_fallback
+from lora_cai.trainers.losses import pair_rows, preference_losses, trl_objective
+from lora_cai.trainers.sft import train_sft
+from lora_cai.trainers import dpo
+from lora_cai.config.schema import DPOSettings, LoraSettings, ModelConfig, SFTSettings
 
 SFT = [{"prompt": f"Question {i}: how do I bake bread?", "completion": "Mix flour, water, salt and yeast, then bake."}
        for i in range(8)]
@@ -23,8 +29,8 @@ def build(tiny_model, stack=()):
 
 
 def frozen_slices(model) -> dict[str, torch.Tensor]:
-    """The earlier rounds' part of the policy's adapter (concatenated into `default`; `lora_cai.concat`), copied."""
-    from lora_cai.concat import concat_of
+    """The earlier rounds' part of the policy's adapter (concatenated into `default`; `lora_cai.engine.concat`), copied."""
+    from lora_cai.engine.concat import concat_of
 
     f = concat_of(model)
     assert f is not None and f.frozen_rank > 0
@@ -51,9 +57,9 @@ def two_rounds(tiny_model, tmp_path_factory):
     """Round 1 (SFT + DPO) saved; round 2 built on top and trained; snapshots along the way."""
     tmp = tmp_path_factory.mktemp("train")
     model, tok, frozen = build(tiny_model)
-    sft1 = training.train_sft(model, tok, SFT, SFTSettings(batch_size=4, learning_rate=3e-2, epochs=6),
+    sft1 = train_sft(model, tok, SFT, SFTSettings(batch_size=4, learning_rate=3e-2, epochs=6),
                               tmp / "s1", seed=0, frozen=frozen)
-    dpo1, ref1 = training.train_dpo(model, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-2, epochs=4),
+    dpo1, ref1 = dpo.train_dpo(model, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-2, epochs=4),
                                     tmp / "d1", seed=0, frozen=frozen)
     models.save_adapter(model, tmp / "adapter-1")
     del model
@@ -70,9 +76,9 @@ def two_rounds(tiny_model, tmp_path_factory):
     base_before = {n: p.detach().clone() for n, p in model2.named_parameters() if "lora_" not in n}
     base_buffers = {n: b.detach().clone() for n, b in model2.named_buffers()}
     models.for_training(model2, "transformers")
-    training.train_sft(model2, tok, SFT, SFTSettings(batch_size=4, learning_rate=2e-2), tmp / "s2", seed=0,
+    train_sft(model2, tok, SFT, SFTSettings(batch_size=4, learning_rate=2e-2), tmp / "s2", seed=0,
                        frozen=frozen2)
-    _, ref2 = training.train_dpo(model2, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-2), tmp / "d2",
+    _, ref2 = dpo.train_dpo(model2, tok, PAIRS, DPOSettings(batch_size=4, learning_rate=2e-2), tmp / "d2",
                                  seed=0, frozen=frozen2)
     return dict(model=model2, tok=tok, ids=ids, sft1=sft1, dpo1=dpo1, ref1=ref1, ref2=ref2, start_logits=start_logits,
                 start_logps=start_logps, r1_before=r1_before, base_before=base_before, base_buffers=base_buffers)
@@ -104,7 +110,7 @@ def test_round_one_adapter_and_base_are_bit_identical_after_round_two(two_rounds
 
 
 def test_the_stack_stays_active_and_only_the_new_adapter_trains(two_rounds):
-    from lora_cai.concat import concat_of
+    from lora_cai.engine.concat import concat_of
 
     model = two_rounds["model"]
     assert models.active_adapters(model) == ["default"] and list(model.peft_config) == ["default"]
@@ -140,7 +146,7 @@ def test_torch_logprob_fallback_matches_full_softmax():
     torch.manual_seed(0)
     hidden, weight = torch.randn(10, 16, requires_grad=True), torch.randn(50, 16)
     targets = torch.randint(0, 50, (10,))
-    lp, ent, _, _, top1 = training._TorchChunkedLogProb.apply(hidden, weight, None, targets, 1.0, 4096, None, 1.0,
+    lp, ent, _, _, top1 = _TorchChunkedLogProb.apply(hidden, weight, None, targets, 1.0, 4096, None, 1.0,
                                                             ("log_probs", "entropy", "is_top1"))
     full = torch.log_softmax(hidden @ weight.T, -1)
     assert torch.allclose(lp, full.gather(-1, targets[:, None]).squeeze(-1), atol=1e-5)
@@ -163,7 +169,7 @@ def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tiny_model, t
     layer = model.get_base_model().model.layers[-1].mlp.down_proj
     layer.register_forward_hook(poison_after_three_steps)
     with pytest.raises(UserError) as err:
-        training.train_sft(model, tok, SFT, SFTSettings(batch_size=1, save_steps=1), tmp_path, seed=0, frozen=frozen,
+        train_sft(model, tok, SFT, SFTSettings(batch_size=1, save_steps=1), tmp_path, seed=0, frozen=frozen,
                            desc="round 1 SFT")
     msg = str(err.value)
     assert "round 1 SFT: the loss became nan at step" in msg and "\n" not in msg
@@ -200,21 +206,21 @@ def dpo_losses(tiny_model, out, pairs, *, trl_args: dict | None = None, stack=()
 
     `trl_args` bypasses `train_dpo`: the same trainer built with extra DPOConfig arguments (TRL's own losses).
     """
-    training.install_logprob_fallback()  # TRL's fused log-prob head needs Triton (train_dpo installs this too)
+    install_logprob_fallback()  # TRL's fused log-prob head needs Triton (train_dpo installs this too)
     model, tok, frozen = build(tiny_model, stack)
     settings = DPOSettings(**{"batch_size": 4, "learning_rate": 5e-3, "epochs": 2, **settings})
     if trl_args is None:
-        history, _ = training.train_dpo(model, tok, pairs, settings, out, seed=0, frozen=frozen)
+        history, _ = dpo.train_dpo(model, tok, pairs, settings, out, seed=0, frozen=frozen)
     else:
         from datasets import Dataset
         from trl import DPOConfig
 
-        ds = Dataset.from_list(training.pair_rows(pairs))
-        args = DPOConfig(**training._common_args(settings, out, 0, model), **{"beta": settings.beta, **trl_args},
+        ds = Dataset.from_list(pair_rows(pairs))
+        args = DPOConfig(**_common_args(settings, out, 0, model), **{"beta": settings.beta, **trl_args},
                          precompute_ref_log_probs=True, dataset_num_proc=None)
-        trainer = training._stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
+        trainer = _stack_dpo_trainer_class()(model=model, args=args, train_dataset=ds, processing_class=tok,
                                                       frozen_adapters=frozen)
-        training._quiet(trainer)
+        _quiet(trainer)
         trainer.train()
         history = trainer.state.log_history
     return [h["loss"] for h in history if "loss" in h], model
@@ -279,7 +285,7 @@ def test_soft_weight_half_confident_pairs_leave_the_adapter_unchanged(tiny_model
 
 def soft_dpo_losses(margins, p, beta, mode):
     """Sigmoid DPO's per-pair losses for margins m (chosen log-ratio m, rejected 0)."""
-    return training.preference_losses("sigmoid", margins, torch.zeros_like(margins), p, mode, beta=beta)
+    return preference_losses("sigmoid", margins, torch.zeros_like(margins), p, mode, beta=beta)
 
 
 def test_soft_dpo_losses_per_pair():
@@ -335,7 +341,7 @@ def objective_runs(tiny_model, round_one, tmp_path_factory):
         for name, kw in OBJECTIVES.items():
             settings = DPOSettings(**kw)
             r = runs[name] = {"trl": dpo_losses(tiny_model, tmp / f"{name}-trl", PAIRS, stack=[round_one],
-                                                trl_args=training.trl_objective(settings))[0]}
+                                                trl_args=trl_objective(settings))[0]}
             start = build(tiny_model, [round_one])[0]
             r["ours"], model = dpo_losses(tiny_model, tmp / f"{name}-ours", PAIRS, stack=[round_one], **kw)
             r["model"], r["start"], r["start_slices"] = model, dict(start.named_parameters()), frozen_slices(start)
@@ -383,14 +389,14 @@ def test_the_objectives_per_pair_formulas():
     lengths = (torch.tensor([2.0, 4.0, 1.0]), torch.tensor([1.0, 2.0, 3.0]))
     h = c / lengths[0] - r / lengths[1]
     half = torch.full((3,), 0.5)
-    ipo = training.preference_losses("ipo", c, r, half, "target", beta=0.25, lengths=lengths)
+    ipo = preference_losses("ipo", c, r, half, "target", beta=0.25, lengths=lengths)
     assert torch.allclose(ipo, h ** 2)
     e, beta = 0.2, 0.5
-    rob = training.preference_losses("robust", c, r, None, "off", beta=beta, flip_rate=e)
-    rob_flipped = training.preference_losses("robust", r, c, None, "off", beta=beta, flip_rate=e)
+    rob = preference_losses("robust", c, r, None, "off", beta=beta, flip_rate=e)
+    rob_flipped = preference_losses("robust", r, c, None, "off", beta=beta, flip_rate=e)
     assert torch.allclose((1 - e) * rob + e * rob_flipped, -F.logsigmoid(beta * (c - r)), atol=1e-6)
     with pytest.raises(ValueError, match="target is not defined for dpo.loss hinge"):
-        training.preference_losses("hinge", c, r, half, "target", beta=beta)
+        preference_losses("hinge", c, r, half, "target", beta=beta)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -412,7 +418,7 @@ def test_bad_p_chosen_is_a_one_line_user_error(tiny_model, tmp_path):
     bad = soft_pairs(0.8)
     bad[3]["p_chosen"] = 0.3
     with pytest.raises(UserError, match=r"pairs.jsonl: pair 3 has p_chosen=0.3, outside \[0.5, 1\]"):
-        training.train_dpo(model, tok, bad, DPOSettings(soft_labels="weight"), tmp_path, seed=0, frozen=frozen)
+        dpo.train_dpo(model, tok, bad, DPOSettings(soft_labels="weight"), tmp_path, seed=0, frozen=frozen)
 
 
 def test_report_to_reaches_the_trainer_and_names_missing_loggers(tiny_model, tmp_path):
@@ -420,16 +426,16 @@ def test_report_to_reaches_the_trainer_and_names_missing_loggers(tiny_model, tmp
 
     from lora_cai.errors import UserError
 
-    assert training._common_args(SFTSettings(), tmp_path, 0, None)["report_to"] == "none"
+    assert _common_args(SFTSettings(), tmp_path, 0, None)["report_to"] == "none"
     with pytest.raises(UserError, match="report_to: unknown logger 'comet'"):
-        training._report_to(["comet"])
+        _report_to(["comet"])
     model, tok, frozen = build(tiny_model)
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(UserError, match="report_to: tensorboard is not installed; pip install tensorboard"):
-            training.train_sft(model, tok, SFT, SFTSettings(), tmp_path / "s", seed=0, frozen=frozen,
+            train_sft(model, tok, SFT, SFTSettings(), tmp_path / "s", seed=0, frozen=frozen,
                                report_to=["tensorboard"], logging_dir=tmp_path / "logs")
         return
-    training.train_sft(model, tok, SFT, SFTSettings(batch_size=4), tmp_path / "s", seed=0, frozen=frozen,
+    train_sft(model, tok, SFT, SFTSettings(batch_size=4), tmp_path / "s", seed=0, frozen=frozen,
                        report_to=["tensorboard"], logging_dir=tmp_path / "logs")
     assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -465,6 +471,6 @@ def test_a_checkpoint_cut_off_by_a_kill_is_skipped_and_removed(tmp_path):
         d.mkdir()
         for f in files:
             (d / f).write_text("x")
-    assert training._last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert _last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
-    assert training._last_checkpoint(tmp_path / "missing") is None
+    assert _last_checkpoint(tmp_path / "missing") is None

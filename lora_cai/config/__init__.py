@@ -1,0 +1,1 @@
+"""The recipe schema and how recipe files are found, loaded and overridden."""

@@ -1,0 +1,262 @@
+"""The round loop: a recipe's stages in order, each with its declared inputs' hashes, the stack and early stop.
+
+    critic check, baseline eval                      (once, before round 1)
+    for round k: responses -> samples -> critique -> judge -> train -> eval -> stack (unless early stop)
+
+Every stage's input hashes are computed before anything runs (`round_inputs`), from the recipe, the loaded
+data and the upstream stages' hashes alone; so `--dry-run` and `lora_cai.train` can say the same thing
+without loading a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_cai.core import inputs
+from lora_cai.core.layout import BASELINE_EVAL, round_dir, round_of, round_of_stack_entry, stack_entry, stage_key
+
+
+def round_inputs(cfg, data, k: int, stack: list[str], previous: str | None) -> dict:
+    """{stage: StageInputs or None (the stage does not run)} for round k on `stack` (training hashes of the
+    stacked rounds); `previous` is the input hash of the evaluation round k's is compared with."""
+    out: dict = {}
+    for name in inputs.ROUND_STAGES:
+        if not inputs.exists(name, cfg):
+            out[name] = None
+            continue
+        after = {u: (out[u].hash if out.get(u) else None) for u in inputs.STAGES[name].after if u != "previous"}
+        after["previous"] = previous
+        out[name] = inputs.stage_inputs(name, cfg, data.hashes, after=after, k=k, stack=stack)
+    return out
+
+
+def run_inputs(cfg, data) -> dict:
+    """{stage: StageInputs or None} of the stages that run once, before round 1."""
+    return {name: inputs.stage_inputs(name, cfg, data.hashes) if inputs.exists(name, cfg) else None
+            for name in ("critic_check", "baseline_eval")}
+
+
+def all_inputs(cfg, data, manifest: dict | None) -> dict:
+    """Every stage's inputs for the whole recipe, by ledger key, without running anything: the rounds the
+    manifest says were stacked stay stacked, a round it says stopped early ends the plan, later rounds are
+    assumed stacked."""
+    manifest = manifest or {}
+    done = {int(r) for r in manifest.get("rounds", {})}
+    stacked = {round_of_stack_entry(s) for s in manifest.get("stack", [])}
+    pre = run_inputs(cfg, data)
+    plan = {stage_key(n): i for n, i in pre.items()}
+    stack: list[str] = []
+    previous = pre["baseline_eval"].hash if pre["baseline_eval"] else None
+    for k in range(1, cfg.rounds + 1):
+        ri = round_inputs(cfg, data, k, stack, previous)
+        plan.update({stage_key(n, k): i for n, i in ri.items()})
+        if manifest.get("stopped_round") == k:
+            break
+        if k not in done or k in stacked:
+            stack.append(ri["train"].hash)
+        previous = ri["eval"].hash if ri["eval"] else None
+    return plan
+
+
+def reruns(plan: dict, ledger: dict) -> list[tuple[str, str]]:
+    """[(stage key, why)] for every stage of `plan` whose inputs differ from the ledger's, in run order."""
+    out = []
+    for key, inp in plan.items():
+        if inp is None:
+            continue
+        stored = ledger.get(key)
+        if stored is None:
+            out.append((key, "not run yet"))
+        elif stored.get("inputs") != inp.hash:
+            named = [_why(c, key) for c in inp.changed_since(stored.get("by_input"))]
+            out.append((key, ", ".join(named) or "inputs changed"))
+    return out
+
+
+def _why(changed: str, key: str) -> str:
+    """A changed declared input, in words ('generation.temperature changed', 'round-1/train reruns')."""
+    k = round_of(key.split("/")[0]) if "/" in key else None
+    if changed == "after:previous":
+        return f"{'baseline_eval' if k == 1 else stage_key('eval', k - 1)} reruns"
+    if changed.startswith("after:"):
+        return f"{stage_key(changed.removeprefix('after:'), k)} reruns"
+    if changed == "stack":
+        return "an earlier round retrains (the stack changed)"
+    return f"{changed.removeprefix('data:')} changed"
+
+
+def run(cfg, console, *, stop_before_train: bool = False) -> dict:
+    """Run (or resume) a validated recipe; return the manifest."""
+    from lora_cai.loop import display
+    from lora_cai.report.build import build_report
+    from lora_cai.data.rundata import load_run_data
+    from lora_cai.core.rundir import Ledger, check_run_dir
+    from lora_cai.loop.session import Models
+    from lora_cai.core.stage import Round
+    from lora_cai.core.store import RunStore
+    from lora_cai.stages.train import StopBeforeTrain
+
+    data = load_run_data(cfg)
+    check_run_dir(cfg, data.constitution)
+    store = RunStore(cfg.output_dir)
+    ledger = Ledger(store, cfg, data.constitution)
+    ledger.write(ledger.read())  # the hash scheme goes down first: from now on this directory is this version's
+    say_reruns(console, all_inputs(cfg, data, store.read_manifest()), ledger.read()["stages"])
+    models = Models(console, store.root)
+    previous = before_round_one(ledger, Round(1, store.root, store.root, cfg, data, models, console))
+    stack, stack_hashes = [], []
+    for k in range(1, cfg.rounds + 1):
+        plan = round_inputs(cfg, data, k, stack_hashes, previous)
+        ctx = Round(k, store.round_dir(k), store.root, cfg, data, models, console, [store.root / s for s in stack])
+        try:
+            summary = run_round(ledger, ctx, plan, stop_before_train=stop_before_train)
+        except StopBeforeTrain:
+            models.drop_all()
+            console.print(f"round {k}: data ready ({ctx.dir}/sft.jsonl, pairs.jsonl); train it with [bold]accelerate "
+                          f"launch -m lora_cai.train {cfg.source}[/], then rerun this command")
+            return ledger.read()
+        stopped = close_round(ledger, k, summary, cfg.eval.early_stop_drop, models.backend)
+        display.print_round(console, k, summary, cfg.judge.kind)
+        models.drop_all()
+        if stopped:
+            console.print(stopped)
+            break
+        stack.append(stack_entry(k))
+        stack_hashes.append(plan["train"].hash)
+        previous = plan["eval"].hash if plan["eval"] else None
+    m = ledger.read()
+    final = round_of_stack_entry(m["stack"][-1]) if m["stack"] else None
+    display.print_before_after(console, m, _read(store.root / BASELINE_EVAL),
+                               _read(store.root / round_dir(final) / "eval.json") if final else None)
+    console.print(f"report: {build_report(store.root)}")
+    return m
+
+
+def before_round_one(ledger, ctx) -> str | None:
+    """The critic check and the baseline evaluation; returns the baseline's input hash (None: no evaluation)."""
+    from lora_cai.stages.evaluate import baseline_stage
+    from lora_cai.stages.critic_check import critic_check_stage
+
+    pre = run_inputs(ctx.cfg, ctx.data)
+    if pre["critic_check"]:
+        result = run_stage(ledger, ctx, "critic_check", critic_check_stage, pre["critic_check"]).outputs
+        ctx.console.print(f"[{'green' if result['ok'] else 'bold red'}]critic check[/]: {result['message']}")
+    if pre["baseline_eval"]:
+        run_stage(ledger, ctx, "baseline_eval", baseline_stage, pre["baseline_eval"])
+        return pre["baseline_eval"].hash
+    return None
+
+
+def close_round(ledger, k: int, summary: dict, early_stop_drop: float | None, backend: str | None) -> str | None:
+    """Score round k, stack it unless its score dropped, write the manifest; the early-stop message, or None."""
+    from lora_cai.cai.metrics import early_stop, quality_score
+
+    m = ledger.read()
+    scores = {0: quality_score(_read(ledger.store.root / BASELINE_EVAL))}
+    scores.update({int(r): v.get("quality") for r, v in m["rounds"].items() if int(r) < k})
+    scores[k] = summary["quality"] = quality_score(summary.get("eval"))
+    stopped = early_stop(scores.get(k - 1), scores[k], early_stop_drop)
+    m["stack"] = [s for s in m["stack"] if round_of_stack_entry(s) < k] + ([] if stopped else [stack_entry(k)])
+    m["rounds"][str(k)] = summary
+    m.pop("stopped_round", None)
+    known = {r: s for r, s in scores.items() if s is not None}
+    m["best_round"] = max(known, key=lambda r: (known[r], -r)) if known else None
+    if stopped:
+        m["stopped_round"] = k
+        m["rounds"] = {r: v for r, v in m["rounds"].items() if int(r) <= k}
+    ledger.backend = backend or ledger.backend
+    ledger.write(m)
+    if not stopped:
+        return None
+    return (f"[bold yellow]early stop[/]: round {k}'s quality score {scores[k]:.3f} fell more than "
+            f"{100 * early_stop_drop:g}% below round {k - 1}'s {scores[k - 1]:.3f}; its adapter is kept in "
+            f"{round_dir(k)}/adapter but not stacked (best round: {m['best_round']})")
+
+
+def _read(path: Path) -> dict | None:
+    from lora_cai.core.store import read_json
+
+    return read_json(path) if path.exists() else None
+
+
+def run_round(ledger, ctx, plan: dict, *, stop_before_train: bool = False) -> dict:
+    """Round k's stages in order; returns the round's summary for the manifest. Under --stop-before train it
+    raises `training.StopBeforeTrain` where training would start."""
+    import time
+
+    from lora_cai.stages.critique import critique_stage
+    from lora_cai.stages.evaluate import eval_stage
+    from lora_cai.stages.judge import judge_stage, nothing_to_train_on
+    from lora_cai.stages.responses import responses_stage, samples_stage
+    from lora_cai.stages.train import train_stage
+
+    k, t0, done = ctx.k, time.time(), {}
+
+    def step(name, fn, *args, **kw):
+        done[name] = run_stage(ledger, ctx, name, fn, plan[name], *args, k=k, **kw)
+        return done[name].outputs
+
+    responses = step("responses", responses_stage)
+    samples = step("samples", samples_stage, responses) if plan["samples"] else None
+    trajectories = step("critique", critique_stage, responses)
+    sft, pairs = step("judge", judge_stage, trajectories, samples)
+    if not sft:
+        raise nothing_to_train_on(k, {**done["critique"].summary, **done["judge"].summary})
+    ctx.models.drop_teacher_if_crowded(ctx.cfg)
+    adapter = step("train", train_stage, stop_before=stop_before_train)
+    if plan["eval"]:
+        step("eval", eval_stage, adapter, _previous_eval(ctx))
+    return _summary(ledger, ctx, done, time.time() - t0)
+
+
+def run_stage(ledger, ctx, name: str, fn, inp, *args, k: int | None = None, **kw):
+    """Run one stage on its own view of the recipe; note it in the ledger; its timing goes into `Done.timing`."""
+    d = fn(ctx.for_stage(name), inp, *args, **kw)
+    ledger.backend = ctx.models.backend or ledger.backend
+    d.timing = ledger.record(stage_key(name, k), inp, d)
+    return d
+
+
+def _previous_eval(ctx) -> dict | None:
+    return _read(ctx.run_dir / BASELINE_EVAL if ctx.k == 1 else ctx.run_dir / round_dir(ctx.k - 1) / "eval.json")
+
+
+def _summary(ledger, ctx, done: dict, seconds: float) -> dict:
+    """The round's entry in the manifest: counts, losses, eval, peak memory and time, in one key order."""
+    prompts = ctx.data.prompts
+    summary: dict = {"prompts": len(prompts.records), "dropped_empty_prompts": prompts.dropped_empty,
+                     "dropped_duplicate_prompts": prompts.dropped_duplicate, "peak_memory_gb": {}}
+    for d in done.values():
+        for key, value in d.summary.items():
+            if key == "peak_memory_gb":
+                summary["peak_memory_gb"].update(value)
+            else:
+                summary[key] = value
+    summary["timing"] = {name: d.timing for name, d in done.items() if d.timing}
+    worked = any(d.ran for d in done.values())
+    before = ((ledger.store.read_manifest() or {}).get("rounds") or {}).get(str(ctx.k), {})
+    summary["seconds"] = round(seconds, 1) if worked or "seconds" not in before else before["seconds"]
+    if not worked:  # nothing ran: keep what the run that did the work measured
+        for key in ("peak_memory_gb", "peak_memory_kind"):
+            if key in before:
+                summary[key] = before[key]
+    return dict(sorted(summary.items()))  # one key order whichever stages ran: a rerun rewrites the same bytes
+
+
+def say_reruns(console, plan: dict, ledger: dict) -> None:
+    """On an existing run directory, which finished stages this run redoes and which input changed."""
+    changed = [(key, why) for key, why in reruns(plan, ledger) if why != "not run yet"]
+    if changed:
+        console.print("inputs changed since the last run; redoing:")
+        from lora_cai.loop.display import print_plan
+
+        print_plan(console, changed)
+
+
+def stale_data(cfg, data, manifest: dict, k: int) -> list[tuple[str, str]]:
+    """Round k's data stages (responses .. judge) that the recipe would redo: `lora_cai.train` refuses to train
+    on data older than the recipe."""
+    plan = all_inputs(cfg, data, manifest)
+    keys = {stage_key(n, k) for n in ("responses", "samples", "critique", "judge")}
+    return [(key, why) for key, why in reruns({kk: v for kk, v in plan.items() if kk in keys},
+                                              manifest.get("stages") or {})]
