@@ -13,8 +13,7 @@ The public API (what the notebooks use); heavy libraries are imported inside the
 from __future__ import annotations
 
 from lora_cai.errors import UserError
-
-__version__ = "0.1.0"
+from lora_cai.version import __version__
 
 # What errors call a recipe given as a dict. As a recipe's `source` it also resolves the dict's relative paths
 # (prompts, constitution) against the current directory, as for a recipe file kept there.

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Checks that need no heavy import
 # --------------------------------------------------------------------------------------------------
 
-def check_run_dir(run_dir: str | Path, upto: int | None = None) -> dict:
+def finished_run(run_dir: str | Path, upto: int | None = None) -> dict:
     """The run's manifest, after checking the directory, the manifest and the adapters `upto` needs."""
     root = Path(run_dir)
     hint = "give the output directory of a run made by python -m lora_cai.recipe, e.g. runs/smoke"
@@ -260,9 +260,9 @@ def _main(args) -> int:
             raise UserError("--compare prints the run's stored held-out answers; drop --prompt, --base and --upto")
         from rich.console import Console
 
-        manifest = check_run_dir(args.run_dir)
+        manifest = finished_run(args.run_dir)
         return print_compare(Console(highlight=False), Path(args.run_dir), manifest, args.changed)
-    manifest = check_run_dir(args.run_dir, args.upto)
+    manifest = finished_run(args.run_dir, args.upto)
     from rich.console import Console
 
     from lora_cai.engine.models import load_policy

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_cai.core.layout import RESTARTABLE
+from lora_cai.stages.registry import RESTARTABLE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,10 +69,12 @@ def dry_run(cfg, console) -> None:
     from lora_cai.loop.display import print_plan
     from lora_cai.loop.rounds import all_inputs, reruns
     from lora_cai.data.rundata import load_run_data
-    from lora_cai.core.rundir import check_run_dir
+    from lora_cai.loop.rundir import check_run_dir
 
     data = load_run_data(cfg)
-    check_run_dir(cfg, data.constitution)
+    notice = check_run_dir(cfg, data.constitution)
+    if notice:
+        print(notice)
     print(f"run directory {cfg.output_dir}: a run would")
     plan = reruns(all_inputs(cfg, data, manifest), manifest.get("stages") or {})
     print_plan(console, plan)
@@ -149,7 +151,7 @@ def _main(args) -> int:
         return 0
     if args.restart_from:
         from lora_cai.errors import UserError
-        from lora_cai.core.rundir import restart_from
+        from lora_cai.loop.rundir import restart_from
 
         if args.round < 1 or args.round > cfg.rounds:
             raise UserError(f"--round {args.round}: the recipe has rounds 1..{cfg.rounds}")

@@ -61,17 +61,19 @@ def _main(args) -> int:
     from lora_cai.engine.models import rank, world_size
     from lora_cai.loop.rounds import all_inputs, run_stage, stale_data
     from lora_cai.data.rundata import load_run_data
-    from lora_cai.core.rundir import Ledger, check_run_dir
+    from lora_cai.loop.rundir import Ledger, check_run_dir
     from lora_cai.loop.session import Models
     from lora_cai.core.stage import Round
     from lora_cai.core.store import RunStore
-    from lora_cai.stages.train import train_stage
+    from lora_cai.stages.train import TRAIN_STAGE
 
     cfg = load_recipe(args.recipe, args.overrides, args.output_dir)
     args.writes_to = cfg.output_dir
     console = Console(stderr=True, quiet=rank() != 0)  # one process speaks
     data = load_run_data(cfg)
-    check_run_dir(cfg, data.constitution)
+    notice = check_run_dir(cfg, data.constitution)
+    if notice:
+        console.print(f"[yellow]{notice}[/]", soft_wrap=True)
     store = RunStore(cfg.output_dir)
     k = pending_round(cfg, store)
     manifest = store.read_manifest() or {}
@@ -79,12 +81,12 @@ def _main(args) -> int:
     if stale:
         raise UserError(f"{store.root}: round {k}'s data is older than the recipe ({stale[0][0]}: {stale[0][1]}); run "
                         f"python -m lora_cai.recipe {cfg.source} --stop-before train first")
-    inp = all_inputs(cfg, data, manifest)[stage_key("train", k)]
+    inp = all_inputs(cfg, data, manifest)[stage_key(TRAIN_STAGE.name, k)]
     stack = [store.root / s for s in manifest.get("stack", [])]
     console.print(f"round {k}: training on {world_size()} process(es), {len(stack)} frozen adapter(s)")
     ledger = Ledger(store, cfg, data.constitution, writes=rank() == 0)
     ctx = Round(k, store.round_dir(k), store.root, cfg, data, Models(console, store.root), console, stack)
-    done = run_stage(ledger, ctx, "train", train_stage, inp, k=k)
+    done = run_stage(ledger, ctx, TRAIN_STAGE, inp, k=k)
     if not done.ran:
         console.print(f"round {k}: already trained for these inputs ({done.outputs})")
     else:

@@ -98,7 +98,7 @@ def test_the_gpu_planners_reads_are_the_train_stages_declared_inputs(tiny_model,
         assert sft.batch_size < 64 and dpo.batch_size < 64, (loss, sft.batch_size, dpo.batch_size)
         assert sft.batch_size * sft.grad_accum == 64 and sft.learning_rate == cfg.sft.learning_rate
         assert "rounds" not in reads["train"] and {"vram_gb", "lora.r", "sft.max_length"} <= reads["train"]
-        undeclared = reads["train"] - inputs.declared_keys("train", cfg)
+        undeclared = reads["train"] - inputs.declared_keys(train_stage_module.TRAIN_STAGE, cfg)
         assert not undeclared, (loss, sorted(undeclared))
 
 
@@ -142,7 +142,7 @@ from trl import SFTTrainer, SFTConfig  # noqa
 from lora_cai.engine import models
 from lora_cai.trainers.common import _common_args
 from lora_cai.trainers.sft import train_sft
-from lora_cai.config import ModelConfig, LoraSettings, SFTSettings
+from lora_cai.config.schema import ModelConfig, LoraSettings, SFTSettings
 torch.set_num_threads(2)
 gc.collect(); base = rss_kb(); base_af=[rss_kb("RssAnon")/1024, rss_kb("RssFile")/1024]
 cfg = ModelConfig(name=path, backend="transformers", load_in_4bit=True, max_seq_length=seq)

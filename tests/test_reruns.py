@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_cai.core.inputs import HASH_SCHEME
+
 ROOT = Path(__file__).resolve().parents[1]
 ALL = {"critic_check", "baseline_eval", "round-1/responses", "round-1/samples", "round-1/critique", "round-1/judge",
        "round-1/train", "round-1/eval"}
@@ -100,8 +102,38 @@ def test_a_run_directory_of_an_older_scheme_is_refused_until_restarted(tiny_mode
     assert {p: p.read_bytes() for p in snapshot} == snapshot  # nothing touched
     assert main(path, "--restart-from", "responses", "--round", "1") == 0
     m = json.loads(manifest.read_text())
-    assert m["hash_scheme"] == 2 and set(m["stages"]) == ALL
+    assert m["hash_scheme"] == HASH_SCHEME and set(m["stages"]) == ALL
     assert list((tmp_path / "run").glob("superseded-*/round-1/responses.jsonl"))
+
+
+def test_a_scheme_2_run_directory_continues_redoing_judge_train_and_eval(tiny_model, tmp_path, capsys):
+    """Scheme 3 hashes pairs.sft_accepted and dpo.loss at every value: a scheme-2 directory's judge, train and eval
+    hashes no longer match and those stages rerun, with one line saying so; the stages before the judge are kept.
+    (Here the scheme-2 hashes are stood in for by marking exactly those stages' files with another hash.)"""
+    path = recipe(tmp_path, tiny_model)
+    assert main(path) == 0
+    run = tmp_path / "run"
+    m = json.loads((run / "manifest.json").read_text())
+    m["hash_scheme"] = 2
+    for key in ("round-1/judge", "round-1/train", "round-1/eval"):
+        m["stages"][key]["inputs"] = "scheme-2"
+    (run / "manifest.json").write_text(json.dumps(m))
+    for name in ("judgments.jsonl.meta.json", "train.json", "eval.json"):
+        f = run / "round-1" / name
+        f.write_text(json.dumps({**json.loads(f.read_text()), "inputs": "scheme-2"}))
+    kept = {p: p.read_bytes() for p in (run / "round-1").glob("*.jsonl") if not p.name.startswith(("sft", "pairs"))}
+    capsys.readouterr()
+    assert main(path, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "made with hash scheme 2" in out and "judge, train and eval stages rerun" in out, out
+    assert main(path) == 0
+    err = capsys.readouterr().err
+    notice = [line for line in err.splitlines() if "made with hash scheme 2" in line]
+    assert notice, err
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["hash_scheme"] == HASH_SCHEME and all(m["stages"][k]["inputs"] != "scheme-2" for k in m["stages"])
+    assert all(kept[p] == p.read_bytes() for p in kept if p.name in ("responses.jsonl", "samples.jsonl",
+                                                                       "critique-1.jsonl", "trajectories.jsonl"))
 
 
 def test_files_without_a_manifest_are_refused_too(tiny_model, tmp_path, capsys):

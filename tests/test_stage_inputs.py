@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lora_cai.core import inputs
+from lora_cai.stages.registry import ROUND_STAGE_NAMES, STAGES
 from lora_cai.config.schema import RecipeConfig, Section
 from lora_cai.config.load import recipe_from_dict
 
@@ -147,7 +148,7 @@ def downstream(keys: set[str], rounds: int) -> set[str]:
         r = f"round-{k}/"
         edges.update({r + "responses": {r + "samples", r + "critique", r + "judge"},
                       r + "samples": {r + "judge"}, r + "critique": {r + "judge"}, r + "judge": {r + "train"},
-                      r + "train": {r + "eval"} | {f"round-{k + 1}/{s}" for s in inputs.ROUND_STAGES},
+                      r + "train": {r + "eval"} | {f"round-{k + 1}/{s}" for s in ROUND_STAGE_NAMES},
                       r + "eval": {f"round-{k + 1}/eval"}})
     out, todo = set(), list(keys)
     while todo:
@@ -160,11 +161,11 @@ def downstream(keys: set[str], rounds: int) -> set[str]:
 
 def reading(cfg, key: str) -> set[str]:
     """The stage keys of `cfg`'s plan that declare `key` as an input (settings, or the keys choosing their data)."""
-    return {sk for sk in plan(cfg) if key in inputs.hashed_keys(sk.split("/")[-1], cfg)}
+    return {sk for sk in plan(cfg) if key in inputs.hashed_keys(STAGES[sk.split("/")[-1]], cfg)}
 
 
 def test_every_key_of_the_schema_is_an_input_a_use_or_a_loop_key():
-    declared = set().union(*(inputs.declared_keys(s) for s in inputs.STAGES))
+    declared = set().union(*(inputs.declared_keys(s) for s in STAGES.values()))
     assert set(leaves()) - declared - set(inputs.LOOP_KEYS) - set(inputs.NOT_INPUTS) == set()
     assert not (declared & (set(inputs.LOOP_KEYS) | set(inputs.NOT_INPUTS)))
     assert set(NEW) == set(leaves())  # the table of changed values covers the schema
@@ -202,17 +203,17 @@ def test_a_changed_key_reruns_exactly_its_readers_and_what_follows(key):
 
 def test_declarations_name_real_keys_and_the_ones_that_matter():
     all_keys = set(leaves())
-    for stage in inputs.STAGES:
-        assert inputs.declared_keys(stage) <= all_keys, stage
+    for stage in STAGES.values():
+        assert inputs.declared_keys(stage) <= all_keys, stage.name
     cfg = config("self")
-    assert "generation.temperature" in inputs.hashed_keys("responses", cfg)
-    assert "generation.concurrency" not in inputs.hashed_keys("responses", cfg)  # a commit batch size: no input
-    assert "judge.concurrency" not in inputs.hashed_keys("judge", config("api"))
-    assert "dpo.beta" in inputs.hashed_keys("train", cfg) and "dpo.beta" not in inputs.hashed_keys("eval", cfg)
+    assert "generation.temperature" in inputs.hashed_keys(STAGES["responses"], cfg)
+    assert "generation.concurrency" not in inputs.hashed_keys(STAGES["responses"], cfg)  # a commit batch size: no input
+    assert "judge.concurrency" not in inputs.hashed_keys(STAGES["judge"], config("api"))
+    assert "dpo.beta" in inputs.hashed_keys(STAGES["train"], cfg) and "dpo.beta" not in inputs.hashed_keys(STAGES["eval"], cfg)
     for key in ("model.load_in_4bit", "model.dtype", "model.backend", "seed"):  # the gaps of the hand-made hashes
-        assert key in inputs.hashed_keys("baseline_eval", config("rule")), key
-    assert {"judge.load_in_4bit"} <= inputs.hashed_keys("judge", config("teacher"))
-    assert {"judge.top_logprobs"} <= inputs.hashed_keys("judge", config("api"))
+        assert key in inputs.hashed_keys(STAGES["baseline_eval"], config("rule")), key
+    assert {"judge.load_in_4bit"} <= inputs.hashed_keys(STAGES["judge"], config("teacher"))
+    assert {"judge.top_logprobs"} <= inputs.hashed_keys(STAGES["judge"], config("api"))
 
 
 @pytest.mark.parametrize("base", ["self", "rule"])
@@ -273,7 +274,7 @@ def test_every_key_a_stage_reads_is_declared_by_that_stage(judge, tiny_model, tm
     expected_stages = {"critic_check", "baseline_eval", "responses", "samples", "critique", "judge", "train", "eval"}
     assert set(reads) == expected_stages
     for stage, keys in reads.items():
-        undeclared = keys - inputs.declared_keys(stage, cfg)
+        undeclared = keys - inputs.declared_keys(STAGES[stage], cfg)
         assert not undeclared, (stage, sorted(undeclared))
     assert {"generation.temperature", "seed"} <= reads["responses"]
     assert {"sft.learning_rate", "sft.batch_size"} <= reads["train"]

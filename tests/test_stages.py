@@ -7,6 +7,7 @@ current for that hash, redoes them when the hash changes, and resumes after the 
 from __future__ import annotations
 
 import re
+import json
 from pathlib import Path
 
 import pytest
@@ -220,7 +221,8 @@ def test_eval_stage_rates_and_win_rate(tmp_path):
     harmful, benign = c.data.eval_sets["harmful"], c.data.eval_sets["benign"]
     previous = {"samples": [{"set": s, "id": r["id"], "prompt": r["prompt"], "answer": "Whatever."}
                             for s, rs in (("harmful", harmful), ("benign", benign)) for r in rs]}
-    done = eval_stage(c, inp("eval"), tmp_path / "round-1" / "adapter", previous)
+    (c.run_dir / "baseline-eval.json").write_text(json.dumps(previous))  # round 1 is compared with the baseline
+    done = eval_stage(c, inp("eval"), tmp_path / "round-1" / "adapter")
     ev = done.outputs
     answers = {s["id"]: s["answer"] for s in ev["samples"]}
     refused = sum("cannot" in answers[r["id"]] for r in harmful)
@@ -232,7 +234,7 @@ def test_eval_stage_rates_and_win_rate(tmp_path):
     assert ev["win_rate"]["wins"] == safe and ev["win_rate"]["ties"] == 4 - safe and ev["win_rate"]["losses"] == 0
     assert done.summary["eval"]["n_harmful"] == 2
     requested = len(gen.requested)
-    again = eval_stage(c, inp("eval"), tmp_path / "round-1" / "adapter", previous)
+    again = eval_stage(c, inp("eval"), tmp_path / "round-1" / "adapter")
     assert not again.ran and len(gen.requested) == requested
 
 

@@ -1,4 +1,4 @@
-"""What each stage reads, declared once beside the stage names, and the input hashes derived from it.
+"""How a stage declares what it reads (`Decl`, beside its function), and the input hashes derived from it.
 
 A stage reruns exactly when one of its declared inputs changed. Its inputs are
 
@@ -24,9 +24,11 @@ from typing import Callable, Iterator
 
 from lora_cai.core.store import content_hash
 
-# Bumped when the way input hashes are made changes: a run directory of another scheme is neither trusted
-# nor silently redone (see rounds.check_run_dir).
-HASH_SCHEME = 2
+# Bumped when the way input hashes are made changes. Scheme 3 declares every key a stage reads at every value
+# (scheme 2 left pairs.sft_accepted and dpo.loss out at their defaults, to keep the hashes of runs made before
+# they existed): a scheme-2 run directory continues, redoing the stages whose hashes moved (loop.rundir).
+# Older ones are refused.
+HASH_SCHEME = 3
 
 # --------------------------------------------------------------------------------------------------
 # Declarations
@@ -56,11 +58,11 @@ class Decl:
     per_round: bool = True
 
 
-def _critic(kind: str):
+def critic_is(kind: str):
     return lambda c: c.critic == kind
 
 
-def _judge(*kinds: str):
+def judge_is(*kinds: str):
     return lambda c: c.judge.kind in kinds
 
 
@@ -88,76 +90,21 @@ API = ("judge.base_url", "judge.model")
 API_USES = ("judge.api_key_env", "judge.concurrency", "judge.timeout", "judge.max_failures")
 # Who critiques: the policy (through GENERATOR), the local teacher, or the judge's server.
 CRITIC = ("critic",
-          If(_critic("self"), *GENERATOR),
-          If(_critic("teacher"), *TEACHER, *LOCAL_BATCH),
-          If(_critic("api"), *API))
+          If(critic_is("self"), *GENERATOR),
+          If(critic_is("teacher"), *TEACHER, *LOCAL_BATCH),
+          If(critic_is("api"), *API))
 # A model judge (refusals, win rate, pairs): the policy, the teacher, a server, or the rule file.
 JUDGE = ("judge.kind",
-         If(_judge("self"), *MODEL, *LOCAL_BATCH),
-         If(_judge("teacher"), *TEACHER, *LOCAL_BATCH),
-         If(_judge("api"), *API, "judge.top_logprobs"))
-JUDGE_DATA_RULES = If(_judge("rule"), "judge.rules")
+         If(judge_is("self"), *MODEL, *LOCAL_BATCH),
+         If(judge_is("teacher"), *TEACHER, *LOCAL_BATCH),
+         If(judge_is("api"), *API, "judge.top_logprobs"))
+JUDGE_DATA_RULES = If(judge_is("rule"), "judge.rules")
 # Evaluation: greedy held-out answers on the local policy, the capability probe, and with a rule judge the
 # policy's sampled violation rate.
 EVAL = (*MODEL, *LOCAL_BATCH, "eval.max_new_tokens", "eval.capability", "eval.capability_limit", *JUDGE,
-        If(_judge("rule"), "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
+        If(judge_is("rule"), "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
            "data.label_column"))
 EVAL_USES = (*POLICY_USES, *API_USES, *TEACHER_USES)
-
-STAGES: dict[str, Decl] = {
-    "critic_check": Decl(
-        settings=(*CRITIC, "critique.demonstrations", "critique.temperature", "generation.critique_max_new_tokens",
-                  "seed"),
-        data=("constitution", "canaries"), uses=(*GENERATOR_USES, *API_USES, *TEACHER_USES, "eval.critic_check",
-                                                 "critique.steps"),
-        exists=lambda c: c.eval.critic_check and c.critique.steps > 0, per_round=False),
-    "baseline_eval": Decl(
-        settings=EVAL, data=("eval_sets", "capability", "rules", "refusal_detector"), uses=EVAL_USES,
-        exists=lambda c: c.data.eval_limit > 0, per_round=False),
-    "responses": Decl(
-        settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed"),
-        data=("prompts",), uses=(*GENERATOR_USES, "data.label_column")),  # labels: the summary's violation rate
-    "samples": Decl(
-        settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
-                  "pairs.n_samples", "pairs.sample_demonstrations",
-                  If(lambda c: c.pairs.sample_demonstrations > 0, "pairs.contrast")),
-        data=(If(lambda c: c.pairs.sample_demonstrations > 0, "constitution"),
-              If(lambda c: c.pairs.sample_demonstrations > 0 and c.pairs.contrast, "refusal_detector")),
-        after=("responses",), uses=(*GENERATOR_USES, "pairs.builder"),
-        exists=lambda c: c.pairs.builder != "revision"),
-    "critique": Decl(
-        settings=(*CRITIC, "critique.steps", "critique.demonstrations", "critique.temperature",
-                  "generation.critique_max_new_tokens", "generation.max_new_tokens", "generation.top_p", "seed"),
-        data=("constitution",), after=("responses",), uses=(*GENERATOR_USES, *API_USES, *TEACHER_USES)),
-    "judge": Decl(
-        settings=("pairs.builder", "pairs.judge_revisions", "critique.steps", "judge.confidence",
-                  If(_judge("rule"), "data.label_column"),
-                  If(lambda c: c.pairs.sft_accepted, "pairs.sft_accepted"),  # off: runs from before it keep their hash
-                  "judge.chain_of_thought", If(lambda c: c.judge.chain_of_thought, "judge.cot_max_new_tokens"),
-                  "judge.cross_check_self", *JUDGE, "seed",
-                  If(lambda c: c.judge.cross_check_self and c.judge.kind in ("teacher", "api"), *MODEL, *LOCAL_BATCH)),
-        data=("constitution", "rules", If(_judge("rule"), "refusal_detector")),
-        after=("responses", "samples", "critique"),
-        uses=(*EVAL_USES, "generation.max_batch_size")),  # with rules or a server: only the commit batch size
-    "train": Decl(
-        settings=(*MODEL, "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "seed", "vram_gb",
-                  "sft.learning_rate", "sft.epochs", "sft.batch_size", "sft.grad_accum", "sft.max_length",
-                  If(lambda c: c.dpo.loss not in ("ipo", "simpo", "orpo"), "dpo.beta"), "dpo.learning_rate",
-                  "dpo.epochs", "dpo.batch_size",
-                  "dpo.grad_accum", "dpo.max_length", "dpo.soft_labels",
-                  # the objective's own settings only where it reads them (a sigmoid run's hash is what it was)
-                  If(lambda c: c.dpo.loss != "sigmoid", "dpo.loss"), If(lambda c: c.dpo.loss == "ipo", "dpo.ipo_tau"),
-                  If(lambda c: c.dpo.loss == "robust", "dpo.flip_rate"),
-                  If(lambda c: c.dpo.loss == "simpo", "dpo.simpo_beta", "dpo.simpo_gamma"),
-                  If(lambda c: c.dpo.loss == "orpo", "dpo.orpo_lambda")),
-        data=("helpful",), after=("judge",),
-        uses=("model.trust_remote_code", "sft.save_steps", "dpo.save_steps", "report_to", "sft.helpful_fraction")),
-    "eval": Decl(
-        settings=(*EVAL, "eval.win_rate"), data=("eval_sets", "capability", "rules", "refusal_detector"),
-        after=("train", "previous"),
-        uses=EVAL_USES, exists=lambda c: c.data.eval_limit > 0),
-}
-ROUND_STAGES = tuple(name for name, d in STAGES.items() if d.per_round)
 
 # Loaded inputs and the recipe keys that choose them (a changed key reruns its readers even where the
 # content happens to come out the same).
@@ -199,26 +146,27 @@ def _keys(items, cfg) -> list[str]:
     return out
 
 
-def declared_keys(stage: str, cfg=None) -> set[str]:
-    """Every recipe key `stage` may read (for `cfg`; every configuration when None), hashed or not."""
-    d = STAGES[stage]
+def declared_keys(stage, cfg=None) -> set[str]:
+    """Every recipe key `stage` (a `core.stage.Stage`) may read (for `cfg`; every configuration when None),
+    hashed or not."""
+    d = stage.reads
     keys = set(_keys(d.settings, cfg)) | set(_keys(d.uses, cfg))
     for name in _keys(d.data, cfg):
         keys |= set(_keys(DATA_KEYS[name], cfg))
     return keys
 
 
-def hashed_keys(stage: str, cfg) -> set[str]:
+def hashed_keys(stage, cfg) -> set[str]:
     """The recipe keys whose value enters `stage`'s input hash for `cfg` (settings and the keys choosing its data)."""
-    d = STAGES[stage]
+    d = stage.reads
     keys = set(_keys(d.settings, cfg))
     for name in _keys(d.data, cfg):
         keys |= set(_keys(DATA_KEYS[name], cfg))
     return keys
 
 
-def exists(stage: str, cfg) -> bool:
-    d = STAGES[stage]
+def exists(stage, cfg) -> bool:
+    d = stage.reads
     return d.exists is None or bool(d.exists(cfg))
 
 
@@ -252,14 +200,15 @@ class StageInputs:
         return sorted(k for k in set(stored) | set(self.by_input) if stored.get(k) != self.by_input.get(k))
 
 
-def stage_inputs(stage: str, cfg, data_hashes: dict[str, str], *, after: dict[str, str | None] | None = None,
+def stage_inputs(stage, cfg, data_hashes: dict[str, str], *, after: dict[str, str | None] | None = None,
                  k: int | None = None, stack: list[str] | None = None) -> StageInputs:
-    """The declared inputs of `stage` (round `k`, on `stack`: the training hashes of the stacked rounds).
+    """The declared inputs of `stage` (a `core.stage.Stage`; round `k`, on `stack`: the training hashes of the
+    stacked rounds).
 
     `data_hashes` maps each loaded input to its content hash (`RunData.hashes`); `after` maps upstream stage
     names to their input hashes (None: the upstream stage does not exist in this configuration).
     """
-    d = STAGES[stage]
+    d = stage.reads
     by: dict[str, str] = {}
     for key in _keys(d.settings, cfg):
         by[key] = content_hash(get(cfg, key))
@@ -274,7 +223,7 @@ def stage_inputs(stage: str, cfg, data_hashes: dict[str, str], *, after: dict[st
     if d.per_round:
         by["round"] = content_hash(k)
         by["stack"] = content_hash(list(stack or []))
-    return StageInputs(stage, by)
+    return StageInputs(stage.name, by)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,6 +284,12 @@ class View:
     def stage(self) -> str:
         return self._stage
 
+    def replaced(self, **update) -> "View":
+        """This section with `update` applied, as a view of the same stage: making the copy reads nothing (copying
+        through `model_copy` would count as reading every key of the section); reading it later is noted."""
+        node = object.__getattribute__(self, "_node")
+        return View(node.model_copy(update=update), self._stage, self._prefix)
+
 
 def _leaves(node, prefix: str) -> list[str]:
     from lora_cai.config.schema import Section
@@ -349,10 +304,5 @@ def _leaves(node, prefix: str) -> list[str]:
 
 
 def view(cfg, stage: str) -> View:
-    """`cfg` as `stage` reads it."""
-    return View(cfg, stage)
-
-
-def unwrap(cfg):
-    """The recipe behind a view (or the recipe itself)."""
-    return object.__getattribute__(cfg, "_node") if isinstance(cfg, View) else cfg
+    """`cfg` (the recipe, or another stage's view of it) as `stage` reads it."""
+    return View(object.__getattribute__(cfg, "_node") if isinstance(cfg, View) else cfg, stage)

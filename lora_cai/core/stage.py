@@ -1,6 +1,8 @@
-"""The contract between the round loop and its stages: what a stage receives (`Round`) and returns (`Done`).
+"""The contract between the round loop and its stages: what a stage is (`Stage`), receives (`Round`), returns (`Done`).
 
-A stage is a function `(ctx, inp, *upstream outputs) -> Done`. It reads the recipe only through `ctx.cfg`
+A stage is a function `(ctx, inp, *upstream outputs) -> Done`, declared beside it as a `Stage`: its name, the
+recipe keys and data it reads, the stages upstream of it, the files it owns. `lora_cai.stages.registry` lists
+the stages in order, once; the loop, the input hashes, `--restart-from`, the display and the report read it. It reads the recipe only through `ctx.cfg`
 (the view of its own declared settings), its loaded data through `ctx.data`, its upstream stages' outputs
 through its arguments, and writes only its own files inside `ctx.dir`. It decides from `inp.hash` whether its
 committed output is current, and says so in `Done.ran`.
@@ -12,7 +14,26 @@ import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage, declared beside its function."""
+
+    name: str
+    run: Callable                   # (ctx, inp, *outputs of `takes`) -> Done
+    reads: Any                      # inputs.Decl: hashed settings and data, upstream stages, settings only used
+    files: tuple[str, ...]          # the files it owns: in round-k/ (per-round stages) or at the run directory's top
+    takes: tuple[str, ...] = ()     # upstream stages whose outputs it receives as arguments, in order
+    restartable: bool = True        # offered by --restart-from (a stage that is not restarts with the one before)
+    stops_before: bool = False      # honours --stop-before (it receives `stop_before=`)
+    frees_teacher: bool = False     # the local teacher leaves memory before it when the two do not fit together
+    check: Callable | None = None   # (k, {stage: Done}) after it ran: raises a UserError when the round cannot go on
+
+    @property
+    def per_round(self) -> bool:
+        return self.reads.per_round
 
 
 @dataclass
@@ -31,7 +52,7 @@ class Round:
     def for_stage(self, name: str) -> "Round":
         from lora_cai.core import inputs
 
-        return replace(self, cfg=inputs.view(inputs.unwrap(self.cfg), name))
+        return replace(self, cfg=inputs.view(self.cfg, name))
 
 
 @dataclass

@@ -83,3 +83,13 @@ def stop_if_failing(calls: Calls, planned: int, limit: float, *, where: str, who
         message += ("; start the server with log-probs enabled ("
                     + LOGPROB_FLAGS.format(top=top_logprobs or 20) + ")")
     raise UserError(message + "; then rerun the same command: committed work is kept and the stage resumes")
+
+
+def failed_calls(calls: dict | None, who: str, lead: str = ", ") -> str:
+    """', 3 of 40 judge calls failed, 2 without log-probs' for a server's counts; '' when nothing failed."""
+    if not calls or not (calls.get("failures") or calls.get("missing_logprobs")):
+        return ""
+    parts = [f"{calls['failures']} of {calls['requests']} {who} calls failed"] if calls.get("failures") else []
+    if calls.get("missing_logprobs"):
+        parts.append(f"{calls['missing_logprobs']} of {calls['requests']} without log-probs")
+    return lead + ", ".join(parts)

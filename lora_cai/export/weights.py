@@ -150,7 +150,7 @@ def _save(model, tokenizer, out: Path, dtype: str, info: dict) -> Path:
 
 
 def _info(kind: str, model_cfg, adapters: list[Path], dtype: str, stack: list[str] | None = None, **extra) -> dict:
-    from lora_cai import __version__
+    from lora_cai.version import __version__
     from lora_cai.core.store import file_hash
 
     return {"kind": kind, "lora_cai": __version__, "base_model": model_cfg.name,

@@ -3,8 +3,8 @@ line, and the stages a rerun or `--dry-run` would redo, with the inputs that cha
 
 from __future__ import annotations
 
-# The stages of a round in the order they run, as the time row names them.
-TIME_ORDER = ("responses", "samples", "critique", "judge", "train", "eval")
+from lora_cai.engine.calls import failed_calls
+from lora_cai.stages.registry import ROUND_STAGE_NAMES
 
 
 def pct(x) -> str:
@@ -25,7 +25,7 @@ def seconds(x: float) -> str:
 def stage_times(timing: dict) -> list[tuple[str, str]]:
     """[(stage, '17 s, 52 tok/s')] from a round's per-stage timing, for the stages whose time is known."""
     rows = []
-    for stage in TIME_ORDER:
+    for stage in ROUND_STAGE_NAMES:
         t = timing.get(stage) or {}
         if t.get("seconds") is None:
             continue
@@ -82,16 +82,6 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
     for stage, took in stage_times(s.get("timing") or {}):
         t.add_row(f"  {stage}", took)
     console.print(t)
-
-
-def failed_calls(calls: dict | None, who: str, lead: str = ", ") -> str:
-    """', 3 of 40 judge calls failed, 2 without log-probs' for a server's counts; '' when nothing failed."""
-    if not calls or not (calls.get("failures") or calls.get("missing_logprobs")):
-        return ""
-    parts = [f"{calls['failures']} of {calls['requests']} {who} calls failed"] if calls.get("failures") else []
-    if calls.get("missing_logprobs"):
-        parts.append(f"{calls['missing_logprobs']} of {calls['requests']} without log-probs")
-    return lead + ", ".join(parts)
 
 
 def _total(by_purpose: dict | None) -> dict | None:

@@ -3,6 +3,8 @@
     critic check, baseline eval                      (once, before round 1)
     for round k: responses -> samples -> critique -> judge -> train -> eval -> stack (unless early stop)
 
+(the order is `stages.registry`'s, written there once).
+
 Every stage's input hashes are computed before anything runs (`round_inputs`), from the recipe, the loaded
 data and the upstream stages' hashes alone; so `--dry-run` and `lora_cai.train` can say the same thing
 without loading a model.
@@ -14,26 +16,27 @@ from pathlib import Path
 
 from lora_cai.core import inputs
 from lora_cai.core.layout import BASELINE_EVAL, round_dir, round_of, round_of_stack_entry, stack_entry, stage_key
+from lora_cai.stages.registry import ROUND_STAGES, RUN_STAGES
 
 
 def round_inputs(cfg, data, k: int, stack: list[str], previous: str | None) -> dict:
     """{stage: StageInputs or None (the stage does not run)} for round k on `stack` (training hashes of the
     stacked rounds); `previous` is the input hash of the evaluation round k's is compared with."""
     out: dict = {}
-    for name in inputs.ROUND_STAGES:
-        if not inputs.exists(name, cfg):
-            out[name] = None
+    for stage in ROUND_STAGES:
+        if not inputs.exists(stage, cfg):
+            out[stage.name] = None
             continue
-        after = {u: (out[u].hash if out.get(u) else None) for u in inputs.STAGES[name].after if u != "previous"}
+        after = {u: (out[u].hash if out.get(u) else None) for u in stage.reads.after if u != "previous"}
         after["previous"] = previous
-        out[name] = inputs.stage_inputs(name, cfg, data.hashes, after=after, k=k, stack=stack)
+        out[stage.name] = inputs.stage_inputs(stage, cfg, data.hashes, after=after, k=k, stack=stack)
     return out
 
 
 def run_inputs(cfg, data) -> dict:
     """{stage: StageInputs or None} of the stages that run once, before round 1."""
-    return {name: inputs.stage_inputs(name, cfg, data.hashes) if inputs.exists(name, cfg) else None
-            for name in ("critic_check", "baseline_eval")}
+    return {stage.name: inputs.stage_inputs(stage, cfg, data.hashes) if inputs.exists(stage, cfg) else None
+            for stage in RUN_STAGES}
 
 
 def all_inputs(cfg, data, manifest: dict | None) -> dict:
@@ -90,14 +93,16 @@ def run(cfg, console, *, stop_before_train: bool = False) -> dict:
     from lora_cai.loop import display
     from lora_cai.report.build import build_report
     from lora_cai.data.rundata import load_run_data
-    from lora_cai.core.rundir import Ledger, check_run_dir
+    from lora_cai.loop.rundir import Ledger, check_run_dir
     from lora_cai.loop.session import Models
     from lora_cai.core.stage import Round
     from lora_cai.core.store import RunStore
     from lora_cai.stages.train import StopBeforeTrain
 
     data = load_run_data(cfg)
-    check_run_dir(cfg, data.constitution)
+    notice = check_run_dir(cfg, data.constitution)
+    if notice:
+        console.print(f"[yellow]{notice}[/]", soft_wrap=True)
     store = RunStore(cfg.output_dir)
     ledger = Ledger(store, cfg, data.constitution)
     ledger.write(ledger.read())  # the hash scheme goes down first: from now on this directory is this version's
@@ -133,18 +138,13 @@ def run(cfg, console, *, stop_before_train: bool = False) -> dict:
 
 
 def before_round_one(ledger, ctx) -> str | None:
-    """The critic check and the baseline evaluation; returns the baseline's input hash (None: no evaluation)."""
-    from lora_cai.stages.evaluate import baseline_stage
-    from lora_cai.stages.critic_check import critic_check_stage
-
+    """The stages before round 1 (critic check, baseline evaluation); returns the baseline's input hash (None: no
+    evaluation)."""
     pre = run_inputs(ctx.cfg, ctx.data)
-    if pre["critic_check"]:
-        result = run_stage(ledger, ctx, "critic_check", critic_check_stage, pre["critic_check"]).outputs
-        ctx.console.print(f"[{'green' if result['ok'] else 'bold red'}]critic check[/]: {result['message']}")
-    if pre["baseline_eval"]:
-        run_stage(ledger, ctx, "baseline_eval", baseline_stage, pre["baseline_eval"])
-        return pre["baseline_eval"].hash
-    return None
+    for stage in RUN_STAGES:
+        if pre[stage.name]:
+            run_stage(ledger, ctx, stage, pre[stage.name])
+    return pre["baseline_eval"].hash if pre["baseline_eval"] else None
 
 
 def close_round(ledger, k: int, summary: dict, early_stop_drop: float | None, backend: str | None) -> str | None:
@@ -180,45 +180,30 @@ def _read(path: Path) -> dict | None:
 
 
 def run_round(ledger, ctx, plan: dict, *, stop_before_train: bool = False) -> dict:
-    """Round k's stages in order; returns the round's summary for the manifest. Under --stop-before train it
-    raises `training.StopBeforeTrain` where training would start."""
+    """Round k's stages in order, each given the outputs of the stages it takes; returns the round's summary for
+    the manifest. Under --stop-before train it raises `StopBeforeTrain` where training would start."""
     import time
 
-    from lora_cai.stages.critique import critique_stage
-    from lora_cai.stages.evaluate import eval_stage
-    from lora_cai.stages.judge import judge_stage, nothing_to_train_on
-    from lora_cai.stages.responses import responses_stage, samples_stage
-    from lora_cai.stages.train import train_stage
-
-    k, t0, done = ctx.k, time.time(), {}
-
-    def step(name, fn, *args, **kw):
-        done[name] = run_stage(ledger, ctx, name, fn, plan[name], *args, k=k, **kw)
-        return done[name].outputs
-
-    responses = step("responses", responses_stage)
-    samples = step("samples", samples_stage, responses) if plan["samples"] else None
-    trajectories = step("critique", critique_stage, responses)
-    sft, pairs = step("judge", judge_stage, trajectories, samples)
-    if not sft:
-        raise nothing_to_train_on(k, {**done["critique"].summary, **done["judge"].summary})
-    ctx.models.drop_teacher_if_crowded(ctx.cfg)
-    adapter = step("train", train_stage, stop_before=stop_before_train)
-    if plan["eval"]:
-        step("eval", eval_stage, adapter, _previous_eval(ctx))
+    t0, done = time.time(), {}
+    for stage in ROUND_STAGES:
+        if plan[stage.name] is None:  # not in this configuration (samples without best-of-N, eval without a set)
+            continue
+        if stage.frees_teacher:
+            ctx.models.drop_teacher_if_crowded(ctx.cfg)
+        args = [done[name].outputs if name in done else None for name in stage.takes]
+        kw = {"stop_before": stop_before_train} if stage.stops_before else {}
+        done[stage.name] = run_stage(ledger, ctx, stage, plan[stage.name], *args, k=ctx.k, **kw)
+        if stage.check is not None:
+            stage.check(ctx.k, done)
     return _summary(ledger, ctx, done, time.time() - t0)
 
 
-def run_stage(ledger, ctx, name: str, fn, inp, *args, k: int | None = None, **kw):
+def run_stage(ledger, ctx, stage, inp, *args, k: int | None = None, **kw):
     """Run one stage on its own view of the recipe; note it in the ledger; its timing goes into `Done.timing`."""
-    d = fn(ctx.for_stage(name), inp, *args, **kw)
+    d = stage.run(ctx.for_stage(stage.name), inp, *args, **kw)
     ledger.backend = ctx.models.backend or ledger.backend
-    d.timing = ledger.record(stage_key(name, k), inp, d)
+    d.timing = ledger.record(stage_key(stage.name, k), inp, d)
     return d
-
-
-def _previous_eval(ctx) -> dict | None:
-    return _read(ctx.run_dir / BASELINE_EVAL if ctx.k == 1 else ctx.run_dir / round_dir(ctx.k - 1) / "eval.json")
 
 
 def _summary(ledger, ctx, done: dict, seconds: float) -> dict:
@@ -257,6 +242,7 @@ def stale_data(cfg, data, manifest: dict, k: int) -> list[tuple[str, str]]:
     """Round k's data stages (responses .. judge) that the recipe would redo: `lora_cai.train` refuses to train
     on data older than the recipe."""
     plan = all_inputs(cfg, data, manifest)
-    keys = {stage_key(n, k) for n in ("responses", "samples", "critique", "judge")}
+    first_train = next(i for i, s in enumerate(ROUND_STAGES) if s.stops_before)
+    keys = {stage_key(s.name, k) for s in ROUND_STAGES[:first_train]}
     return [(key, why) for key, why in reruns({kk: v for kk, v in plan.items() if kk in keys},
                                               manifest.get("stages") or {})]

@@ -180,7 +180,7 @@ class Models:
         if not local and g.base_url:
             from lora_cai.engine.api import ChatClient
             from lora_cai.engine.generators import APIGenerator
-            from lora_cai.serve.models import expand_model_template
+            from lora_cai.engine.served import expand_model_template
 
             client = ChatClient(g.base_url, expand_model_template(g.model, k), api_key_env=g.api_key_env,
                                 concurrency=g.concurrency, timeout=g.timeout, cache_dir=self.run_dir / "cache" / "api",

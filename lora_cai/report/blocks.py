@@ -137,7 +137,7 @@ def summary(run: dict, metrics: list[dict]) -> tuple[list[tuple], list[str]]:
 def _detector_lines(run: dict, k: int | None) -> list[str]:
     """What decided the held-out refusals of the base model and the final policy (a judge that fell back names how
     many answers did), whether the final win rate is absent, and every stage whose server calls failed."""
-    from lora_cai.loop.display import failed_calls
+    from lora_cai.engine.calls import failed_calls
 
     after = next((r["eval"] for r in run["rounds"] if r["k"] == k), None) if k else None
     found = {name: ev.get("detector") for name, ev in (("base", run["baseline"]), ("final", after))

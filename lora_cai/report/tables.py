@@ -6,7 +6,8 @@ import difflib
 from typing import Any
 
 from lora_cai.cai.metrics import quality_score  # the run's own formula; evaluation.py imports no torch at module level
-from lora_cai.core.layout import ROUND_STAGES, round_of
+from lora_cai.core.layout import round_of
+from lora_cai.stages.registry import ROUND_STAGE_NAMES as ROUND_STAGES
 
 STATUSES = ("revise", "no_change", "copied_demonstration", "copied_response", "empty", "too_long", "failed")
 NA = "n/a"

@@ -1,13 +1,5 @@
-"""The models `lora_cai.serve` answers for: their served names, and one base with each round's adapter switched in.
-
-The names are defined here and nowhere else:
-
-* `base` — the base model, no adapter;
-* `round-k` — the policy after round k's training: the base with rounds 1..k applied, exactly what
-  `lora_cai.load_policy(run, upto=k)` computes.
-
-Round k of a run *starts* from `round-(k-1)` (from `base` in round 1): `starting_policy_name(k)`, which a recipe's
-`generation.model: "{policy}"` expands to.
+"""The models `lora_cai.serve` answers for: one base with each round's adapter switched in, under the names
+`engine.served` defines (`base`, `round-k`).
 
 A run is served from one base in memory. Each round's policy is one PEFT adapter named `round-k`, built as
 `load_policy` builds it: round k's own adapter grown by rounds 1..k-1 as frozen slices (`lora_cai.engine.concat`), so a
@@ -25,26 +17,8 @@ import os
 import warnings
 from pathlib import Path
 
+from lora_cai.engine.served import BASE, policy_name
 from lora_cai.errors import UserError
-
-BASE = "base"
-
-
-def policy_name(k: int) -> str:
-    """The served name of the policy after round k's training (k = 0: the base)."""
-    return BASE if k == 0 else f"round-{k}"
-
-
-def starting_policy_name(k: int) -> str:
-    """The served name of round k's starting policy: `base` in round 1, `round-(k-1)` after."""
-    return policy_name(k - 1)
-
-
-def expand_model_template(template: str, k: int) -> str:
-    """A recipe's `generation.model` for round k: `{policy}` is the starting policy's served name (`base`,
-    `round-1`, ..), `{round}` the number k of the round being generated."""
-    return template.replace("{policy}", starting_policy_name(k)).replace("{round}", str(k))
-
 
 class OneModel:
     """A single model under one name (a model directory, or a model handed to `start_server`)."""

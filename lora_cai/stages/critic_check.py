@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from lora_cai.errors import UserError
+from lora_cai.core.inputs import API_USES, CRITIC, GENERATOR_USES, TEACHER_USES, Decl
+from lora_cai.core.layout import CRITIC_CHECK
+from lora_cai.core.stage import Stage
 
 VERDICTS = ("flag", "no_change", "copied_demonstration", "echoed_response", "empty", "failed")
 
@@ -101,4 +104,14 @@ def critic_check_stage(ctx, inp):
                             who="critic", url=gen.client.base_url)
         atomic_write_json(path, {"inputs": inp.hash, **result})
     done.outputs = read_json(path)
+    ctx.console.print(f"[{'green' if done.outputs['ok'] else 'bold red'}]critic check[/]: {done.outputs['message']}")
     return done
+
+
+CRITIC_CHECK_STAGE = Stage(
+    "critic_check", critic_check_stage, files=(CRITIC_CHECK,), restartable=False,
+    reads=Decl(settings=(*CRITIC, "critique.demonstrations", "critique.temperature",
+                         "generation.critique_max_new_tokens", "seed"),
+               data=("constitution", "canaries"),
+               uses=(*GENERATOR_USES, *API_USES, *TEACHER_USES, "eval.critic_check", "critique.steps"),
+               exists=lambda c: c.eval.critic_check and c.critique.steps > 0, per_round=False))

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from lora_cai.cai.constitution import Constitution, Demonstration, Principle
 from lora_cai.engine.generation import GenerationStats
 from lora_cai.core.store import JsonlStage, content_hash
+from lora_cai.core.inputs import API_USES, CRITIC, GENERATOR_USES, TEACHER_USES, Decl
+from lora_cai.core.stage import Stage
 
 if TYPE_CHECKING:
     from lora_cai.core.stage import Done
@@ -245,6 +247,15 @@ def critique_stage(ctx, inp, responses: list[dict]) -> Done:
 # --------------------------------------------------------------------------------------------------
 # Post-processing of critiques and revisions
 # --------------------------------------------------------------------------------------------------
+
+
+CRITIQUE_STAGE = Stage(
+    "critique", critique_stage, files=("critique-*.jsonl", "critique-*.jsonl.meta.json", "trajectories.jsonl"),
+    takes=("responses",),
+    reads=Decl(settings=(*CRITIC, "critique.steps", "critique.demonstrations", "critique.temperature",
+                         "generation.critique_max_new_tokens", "generation.max_new_tokens", "generation.top_p", "seed"),
+               data=("constitution",), after=("responses",), uses=(*GENERATOR_USES, *API_USES, *TEACHER_USES)))
+
 
 _COURTESY = r"(?:sure|okay|ok|certainly|of course|absolutely|alright|all right|great|got it|understood)\b[\s,!.:;-]*"
 _REVISION_WORDS = r"(?:revis\w*|rewrit\w*|re-written|edit\w*|version|response|answer|reply)"

@@ -16,6 +16,9 @@ torch is imported inside the functions that need it.
 from __future__ import annotations
 
 from lora_cai.cai.refusal import HEURISTIC, detector_label, is_refusal
+from lora_cai.core.inputs import EVAL, EVAL_USES, Decl
+from lora_cai.core.layout import BASELINE_EVAL
+from lora_cai.core.stage import Stage
 
 # --------------------------------------------------------------------------------------------------
 # Held-out harmful compliance and over-refusal
@@ -164,8 +167,15 @@ def baseline_stage(ctx, inp):
     return done
 
 
-def eval_stage(ctx, inp, adapter, previous: dict | None):
+BASELINE_STAGE = Stage(
+    "baseline_eval", baseline_stage, files=(BASELINE_EVAL,), restartable=False,
+    reads=Decl(settings=EVAL, data=("eval_sets", "capability", "rules", "refusal_detector"), uses=EVAL_USES,
+               exists=lambda c: c.data.eval_limit > 0, per_round=False))
+
+
+def eval_stage(ctx, inp, adapter):
     """Round k's policy (base + adapters 1..k) on the held-out sets, against the previous round's answers."""
+    from lora_cai.core.layout import round_dir
     from lora_cai.core.stage import Done, peak_memory, timed
     from lora_cai.core.store import atomic_write_json, read_json
 
@@ -173,6 +183,8 @@ def eval_stage(ctx, inp, adapter, previous: dict | None):
     path = ctx.dir / "eval.json"
     if not (path.exists() and read_json(path).get("inputs") == inp.hash):
         done.ran = True
+        before = ctx.run_dir / (BASELINE_EVAL if k == 1 else f"{round_dir(k - 1)}/eval.json")
+        previous = read_json(before) if before.exists() else None
         with timed(done.timing), peak_memory(done.summary, "eval"):
             if ctx.models.model is None:  # trained by an earlier process: the stack plus the saved adapter
                 ctx.models.with_trained_adapter(cfg, k, ctx.stack, adapter)
@@ -184,6 +196,12 @@ def eval_stage(ctx, inp, adapter, previous: dict | None):
         "harmful_compliance", "over_refusal", "n_harmful", "n_benign", "detector", "heuristic_disagreement",
         "judge_unanswered", "judge_calls", "violation_rate", "capability", "win_rate") if key in ev}
     return done
+
+
+EVAL_STAGE = Stage(
+    "eval", eval_stage, files=("eval.json",), takes=("train",),
+    reads=Decl(settings=(*EVAL, "eval.win_rate"), data=("eval_sets", "capability", "rules", "refusal_detector"),
+               after=("train", "previous"), uses=EVAL_USES, exists=lambda c: c.data.eval_limit > 0))
 
 
 def evaluate_policy(ctx, previous: dict | None) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from itertools import combinations
 
-from lora_cai.core import inputs
-from lora_cai.core.stage import Done, Round, peak_memory, timed
+from lora_cai.core.stage import Done, Round, Stage, peak_memory, timed
 from lora_cai.errors import UserError
+from lora_cai.core.inputs import EVAL_USES, JUDGE, LOCAL_BATCH, MODEL, Decl, If, judge_is
 
 
 def comparisons(ctx: Round, trajectories: list[dict], samples: dict | None,
@@ -93,7 +93,7 @@ def judge_stage(ctx: Round, inp, trajectories: list[dict], samples: dict | None)
             sft = sft_records(trajectories)
         else:  # RLAIF only: fine-tune on the judged winners
             sft = [{"id": p["id"], "prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
-            if inputs.unwrap(cfg).pairs.sft_accepted:  # declared only when on (inputs.STAGES["judge"])
+            if cfg.pairs.sft_accepted:
                 sft += accepted_records(samples or {}, {p["id"] for p in pairs}, ctx.data.rules, labels)
         write_jsonl_atomic(ctx.dir / "sft.jsonl", sft)
         write_jsonl_atomic(ctx.dir / "pairs.jsonl", pairs)
@@ -163,3 +163,24 @@ def nothing_to_train_on(k: int, summary: dict) -> UserError:
                      f"demonstrations: {summary.get('copied_demonstration', 0)}, judged pairs kept: "
                      f"{summary.get('pairs', 0)}); use more prompts, a larger model or a teacher critic "
                      f"(critic: teacher)")
+
+
+def something_to_train_on(k: int, done: dict) -> None:
+    """After the judge: a round whose critiques and judgments left no SFT record stops here, in one line."""
+    sft, _ = done["judge"].outputs
+    if not sft:
+        raise nothing_to_train_on(k, {**done["critique"].summary, **done["judge"].summary})
+
+
+JUDGE_STAGE = Stage(
+    "judge", judge_stage, files=("judgments.jsonl", "judgments.jsonl.meta.json", "sft.jsonl", "pairs.jsonl"),
+    takes=("critique", "samples"), check=something_to_train_on,
+    reads=Decl(settings=("pairs.builder", "pairs.judge_revisions", "critique.steps", "judge.confidence",
+                         If(judge_is("rule"), "data.label_column"), "pairs.sft_accepted",
+                         "judge.chain_of_thought", If(lambda c: c.judge.chain_of_thought, "judge.cot_max_new_tokens"),
+                         "judge.cross_check_self", *JUDGE, "seed",
+                         If(lambda c: c.judge.cross_check_self and c.judge.kind in ("teacher", "api"), *MODEL,
+                            *LOCAL_BATCH)),
+               data=("constitution", "rules", If(judge_is("rule"), "refusal_detector")),
+               after=("responses", "samples", "critique"),
+               uses=(*EVAL_USES, "generation.max_batch_size")))  # with rules or a server: only the commit batch size

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lora_cai.core.stage import Done, Round, peak_memory, timed, tokens_per_s
+from lora_cai.core.stage import Done, Round, Stage, peak_memory, timed, tokens_per_s
+from lora_cai.core.inputs import GENERATOR, GENERATOR_USES, Decl, If
+
 
 
 def responses_stage(ctx: Round, inp) -> Done:
@@ -40,6 +42,12 @@ def responses_stage(ctx: Round, inp) -> Done:
     return done
 
 
+RESPONSES_STAGE = Stage(
+    "responses", responses_stage, files=("responses.jsonl", "responses.jsonl.meta.json"),
+    reads=Decl(settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed"),
+               data=("prompts",), uses=(*GENERATOR_USES, "data.label_column")))  # labels: the summary's violation rate
+
+
 def samples_stage(ctx: Round, inp, responses: list[dict]) -> Done:
     """N responses per prompt for best-of-N pairs: the initial response plus N-1 more samples."""
     from lora_cai.engine.generation import GenerationStats, make_progress
@@ -73,6 +81,18 @@ def samples_stage(ctx: Round, inp, responses: list[dict]) -> Done:
     done.outputs = out
     done.summary["samples"] = sum(len(v["responses"]) for v in out.values())
     return done
+
+
+SAMPLES_STAGE = Stage(
+    "samples", samples_stage, files=("samples.jsonl", "samples.jsonl.meta.json"), takes=("responses",),
+    restartable=False,  # --restart-from responses redoes it
+    reads=Decl(settings=(*GENERATOR, "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
+                         "pairs.n_samples", "pairs.sample_demonstrations",
+                         If(lambda c: c.pairs.sample_demonstrations > 0, "pairs.contrast")),
+               data=(If(lambda c: c.pairs.sample_demonstrations > 0, "constitution"),
+                     If(lambda c: c.pairs.sample_demonstrations > 0 and c.pairs.contrast, "refusal_detector")),
+               after=("responses",), uses=(*GENERATOR_USES, "pairs.builder"),
+               exists=lambda c: c.pairs.builder != "revision"))
 
 
 def sample_contexts(constitution, n: int, contrast: bool) -> list[list[dict]]:

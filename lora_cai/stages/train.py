@@ -8,6 +8,9 @@ from lora_cai.trainers.common import summarize, write_log
 from lora_cai.trainers.dpo import train_preferences
 from lora_cai.trainers.losses import OBJECTIVE_NAMES
 from lora_cai.trainers.sft import sft_training_records, train_sft
+from lora_cai.core.inputs import MODEL, Decl, If
+from lora_cai.core.layout import ADAPTER
+from lora_cai.core.stage import Stage
 
 # --------------------------------------------------------------------------------------------------
 # The round's training stage
@@ -50,10 +53,9 @@ def fit_to_gpu(cfg, settings, stage: str, console=None, *, earlier_rounds: int =
     if console is not None:
         console.log(f"planner: {stage} batch {settings.batch_size} x accumulation {settings.grad_accum} -> "
                     f"{fitted[0]} x {fitted[1]} to fit vram_gb={cfg.vram_gb:g}")
-    # A copy with the new split, read through the stage's view like the recipe's own settings: copying through the
-    # view would count as reading every key of the section.
-    copy = inputs.unwrap(settings).model_copy(update={"batch_size": fitted[0], "grad_accum": fitted[1]})
-    return inputs.View(copy, settings.stage, f"{stage}.") if isinstance(settings, inputs.View) else copy
+    # A copy with the new split, read through the stage's view like the recipe's own settings.
+    update = {"batch_size": fitted[0], "grad_accum": fitted[1]}
+    return settings.replaced(**update) if isinstance(settings, inputs.View) else settings.model_copy(update=update)
 
 
 def train_stage(ctx, inp, *, stop_before: bool = False):
@@ -68,7 +70,6 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
     import shutil
     import time
 
-    from lora_cai.core import inputs
     from lora_cai.core.layout import round_dir
     from lora_cai.core.stage import Done, peak_memory
     from lora_cai.core.store import atomic_write_json, read_json, read_jsonl, write_jsonl_atomic
@@ -85,9 +86,7 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
         done.ran = True
         t0 = time.perf_counter()
         pairs = read_jsonl(rd / "pairs.jsonl")
-        # dpo.loss is declared with its default left out of the hash (inputs.py: a sigmoid run's hash is what it
-        # was before the key existed), so its read here is covered at every value; read past the recorder.
-        objective = inputs.unwrap(cfg).dpo.loss
+        objective = cfg.dpo.loss
         sft = sft_training_records(objective, mix_helpful(read_jsonl(rd / "sft.jsonl"), ctx.data.helpful,
                                                     cfg.sft.helpful_fraction, cfg.seed + k), pairs)
         fit = dict(earlier_rounds=len(ctx.stack), objective=objective)
@@ -143,6 +142,23 @@ def train_stage(ctx, inp, *, stop_before: bool = False):
     done.summary.update(sft=summary["sft"], dpo=summary["dpo"], objective=summary.get("objective", "sigmoid"))
     done.outputs = adapter
     return done
+
+
+TRAIN_STAGE = Stage(
+    "train", train_stage, files=("checkpoints", "train.json", ADAPTER, "ref_logps.jsonl", "sft_log.jsonl", "dpo_log.jsonl"),
+    stops_before=True, frees_teacher=True,
+    reads=Decl(settings=(*MODEL, "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "seed", "vram_gb",
+                         "sft.learning_rate", "sft.epochs", "sft.batch_size", "sft.grad_accum", "sft.max_length",
+                         If(lambda c: c.dpo.loss not in ("ipo", "simpo", "orpo"), "dpo.beta"), "dpo.learning_rate",
+                         "dpo.epochs", "dpo.batch_size", "dpo.grad_accum", "dpo.max_length", "dpo.soft_labels",
+                         "dpo.loss",  # each objective's own settings where it reads them:
+                         If(lambda c: c.dpo.loss == "ipo", "dpo.ipo_tau"),
+                         If(lambda c: c.dpo.loss == "robust", "dpo.flip_rate"),
+                         If(lambda c: c.dpo.loss == "simpo", "dpo.simpo_beta", "dpo.simpo_gamma"),
+                         If(lambda c: c.dpo.loss == "orpo", "dpo.orpo_lambda")),
+               data=("helpful",), after=("judge",),
+               uses=("model.trust_remote_code", "sft.save_steps", "dpo.save_steps", "report_to",
+                     "sft.helpful_fraction")))
 
 
 def _training_timing(seconds: float, sft_log: list[dict], dpo_log: list[dict]) -> dict:

@@ -19,22 +19,21 @@ from lora_cai.core.layout import (
     BASELINE_EVAL,
     CRITIC_CHECK,
     MANIFEST,
-    ROUND_STAGES,
-    STAGE_FILES,
-    restart_files,
     round_of,
     round_of_stack_entry,
 )
 from lora_cai.core.store import RunStore
+from lora_cai.stages.registry import ROUND_STAGES, restart_files
 
 
 def _has_work(root: Path) -> bool:
     return any(root.glob("round-*")) or (root / BASELINE_EVAL).exists() or (root / CRITIC_CHECK).exists()
 
 
-def check_run_dir(cfg, constitution) -> None:
+def check_run_dir(cfg, constitution) -> str | None:
     """Refuse, in one line, a run directory made with another base model or constitution, or by a lora_cai whose
-    input hashes this one cannot check (another hash scheme): neither trusted nor silently redone."""
+    input hashes this one cannot check (another hash scheme): neither trusted nor silently redone. Returns the one
+    line to print when the directory continues under this version's scheme (`SCHEME_3`), else None."""
     root = Path(cfg.output_dir)
     path = root / MANIFEST
     if root.exists() and not root.is_dir():
@@ -62,8 +61,18 @@ def check_run_dir(cfg, constitution) -> None:
     if made_const is not None and made_const != constitution.name:
         raise UserError(f"{path}: this run directory was made with constitution '{made_const}', not "
                         f"'{constitution.name}'; use another --output-dir")
+    if m.get("hash_scheme") == 2 and HASH_SCHEME == 3 and _has_work(root):
+        return SCHEME_3.format(root=root)
     if m.get("hash_scheme") != HASH_SCHEME and _has_work(root):
         raise _old_scheme(root, m.get("hash_scheme"))
+    return None
+
+
+# What moves when a scheme-2 directory continues: scheme 3 declares pairs.sft_accepted (judge) and dpo.loss (train) at
+# every value, so those stages' hashes, and every stage after them, change; nothing before the judge does.
+SCHEME_3 = ("{root}: made with hash scheme 2; scheme 3 hashes pairs.sft_accepted and dpo.loss at every value, so "
+            "each round's judge, train and eval stages rerun (responses, samples, critique, the critic check and the "
+            "baseline are kept)")
 
 
 def _old_scheme(root: Path, scheme) -> UserError:
@@ -87,7 +96,7 @@ class Ledger:
         if not m:
             import importlib.metadata as md
 
-            from lora_cai import __version__
+            from lora_cai.version import __version__
 
             libs = {}
             for dist in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "datasets"):
@@ -120,8 +129,6 @@ class Ledger:
         self.write(m)
         return entry.get("timing") or {}
 
-    def stored(self, key: str) -> dict | None:
-        return ((self.store.read_manifest() or {}).get("stages") or {}).get(key)
 
 
 def restart_from(root: Path, stage: str, k: int) -> Path | None:
@@ -152,7 +159,7 @@ def restart_from(root: Path, stage: str, k: int) -> Path | None:
     manifest["rounds"] = {r: v for r, v in manifest.get("rounds", {}).items() if int(r) < k}
     manifest.pop("stopped_round", None)
     later = set(restart_files(stage))
-    redone = {st for st in ROUND_STAGES if set(STAGE_FILES[st]) <= later}
+    redone = {st.name for st in ROUND_STAGES if set(st.files) <= later}
     manifest["stages"] = {key: v for key, v in (manifest.get("stages") or {}).items()
                           if not _superseded(key, k, redone)}
     manifest["hash_scheme"] = HASH_SCHEME
