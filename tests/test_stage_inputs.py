@@ -279,3 +279,88 @@ def test_every_key_a_stage_reads_is_declared_by_that_stage(judge, tiny_model, tm
     assert {"generation.temperature", "seed"} <= reads["responses"]
     assert {"sft.learning_rate", "sft.batch_size"} <= reads["train"]
     assert "eval.max_new_tokens" in reads["eval"]
+
+
+# Every shipped recipe, shrunk onto the tiny model (its teacher too; its server: lora_cai.serve on the tiny
+# model), and every preference objective: a stage that reads a key it does not declare fails here, whatever the
+# configuration. The shipped recipes' own settings (builders, contrast, rules, helpful data, soft labels) stay.
+SHRINK = ["critique.demonstrations=0", "data.limit=4", "data.eval_limit=2", "data.dev=0", "rounds=1", "generation.max_new_tokens=8",
+          "generation.critique_max_new_tokens=8", "generation.token_budget=4096", "sft.batch_size=2", "sft.epochs=1",
+          "dpo.batch_size=2", "dpo.epochs=1", "eval.capability_limit=2", "eval.max_new_tokens=8",
+          "eval.early_stop_drop=null", "lora.r=4", "lora.alpha=8", "model.backend=transformers",
+          "model.max_seq_length=512", "sft.max_length=256", "dpo.max_length=256"]
+SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+LOSSES = ["sigmoid", "ipo", "robust", "hinge", "apo_zero", "kto", "simpo", "orpo"]
+
+
+def _record_run(cfg, *, may_find_nothing_to_train_on: bool = False):
+    import lora_cai
+    from lora_cai.errors import UserError
+
+    with inputs.recording() as reads:
+        try:
+            lora_cai.run(cfg)
+        except UserError as e:  # the tiny model's revisions are unusable: the stages up to the judge still count
+            if not (may_find_nothing_to_train_on and "nothing to train on" in str(e)):
+                raise
+    for stage, keys in reads.items():
+        undeclared = keys - inputs.declared_keys(STAGES[stage], cfg)
+        assert not undeclared, (stage, sorted(undeclared))
+    return reads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_reads_only_what_its_stages_declare(name, tiny_model, tmp_path, monkeypatch):
+    from lora_cai.config.builtin import find_recipe
+    from lora_cai.config.load import load_recipe
+    from lora_cai.serve.server import start_server
+
+    shipped = load_recipe(find_recipe(name))
+    sets = [*SHRINK, f"model.name={tiny_model}", f"output_dir={tmp_path / 'run'}",
+            f"critique.steps={min(shipped.critique.steps, 1)}", f"pairs.n_samples={min(shipped.pairs.n_samples, 3)}"]
+    if shipped.pairs.sample_demonstrations:
+        sets.append("pairs.sample_demonstrations=2")
+    if shipped.judge.kind != "rule":  # a random judge is never confident: keep every pair it decides
+        sets.append("judge.confidence=0.5")
+    server = None
+    if shipped.judge.kind == "teacher" or shipped.critic == "teacher":
+        sets.append(f"judge.model={tiny_model}")
+    if shipped.judge.kind == "api" or shipped.critic == "api":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model, tok = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+        server, url = start_server(model, tok, model_name="tiny", max_top_logprobs=tok.vocab_size)
+        monkeypatch.setenv(shipped.judge.api_key_env or "OPENAI_API_KEY", "sk-test")
+        sets += [f"judge.base_url={url}", "judge.model=tiny"]
+    try:
+        # As shipped; then, where the tiny model gave nothing to train on (its revisions are unusable, and it breaks
+        # the refusal rules on every sample alike), without critique, with best-of-N pairs and a rule it breaks
+        # only sometimes, so that training and evaluation run under the recipe's other settings too.
+        reads = _record_run(load_recipe(find_recipe(name), sets), may_find_nothing_to_train_on=True)
+        if "train" not in reads:
+            sets += ["critique.steps=0", "pairs.builder=best_of_n", "pairs.n_samples=4", "data.limit=8",
+                     f"output_dir={tmp_path / 'run2'}"]
+            if shipped.judge.kind == "rule":
+                sets.append("judge.rules=builtin:no-ful")
+            more = _record_run(load_recipe(find_recipe(name), sets))
+            reads = {stage: reads.get(stage, set()) | more.get(stage, set()) for stage in set(reads) | set(more)}
+    finally:
+        if server is not None:
+            server.shutdown()
+    assert {"responses", "judge", "train", "eval"} <= set(reads)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_objective_reads_only_what_the_train_stage_declares(loss, tiny_model, tmp_path):
+    from lora_cai.config.load import recipe_from_dict
+
+    cfg = recipe_from_dict({"model": {"name": str(tiny_model), "backend": "transformers"},
+                            "data": {"prompts": "builtin:smoke", "limit": 4, "eval_limit": 0}, "rounds": 1,
+                            "output_dir": str(tmp_path / "run"), "critique": {"steps": 0},
+                            "pairs": {"builder": "best_of_n", "n_samples": 3}, "judge": {"confidence": 0.5},
+                            "generation": {"max_new_tokens": 8, "critique_max_new_tokens": 8},
+                            "lora": {"r": 4, "alpha": 8}, "sft": {"batch_size": 2}, "eval": {"critic_check": False},
+                            "dpo": {"batch_size": 2, "loss": loss, "soft_labels": "weight"}})
+    reads = _record_run(cfg)
+    assert "dpo.loss" in reads["train"]
