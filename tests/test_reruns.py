@@ -114,6 +114,9 @@ def test_a_scheme_2_run_directory_continues_redoing_judge_train_and_eval(tiny_mo
     assert main(path) == 0
     run = tmp_path / "run"
     m = json.loads((run / "manifest.json").read_text())
+    from lora_cai.core.manifest import FIELDS, StageEntry  # the typed manifest covers what a run writes
+
+    assert set(m) <= FIELDS and all(set(e) == set(StageEntry.__annotations__) for e in m["stages"].values())
     m["hash_scheme"] = 2
     for key in ("round-1/judge", "round-1/train", "round-1/eval"):
         m["stages"][key]["inputs"] = "scheme-2"

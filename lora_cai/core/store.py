@@ -13,9 +13,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from lora_cai.core.layout import MANIFEST, round_dir
+
+if TYPE_CHECKING:
+    from lora_cai.core.manifest import Manifest
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -168,10 +171,11 @@ class RunStore:
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
 
-    def read_manifest(self) -> dict | None:
+    def read_manifest(self) -> "Manifest | None":
         return read_json(self.manifest_path) if self.manifest_path.exists() else None
 
-    def write_manifest(self, manifest: dict) -> None:
+    def write_manifest(self, manifest: "Manifest") -> None:
+        """Only `loop.rundir` writes it (the ledger, and --restart-from)."""
         atomic_write_json(self.manifest_path, manifest)
 
     def round_dir(self, k: int) -> Path:

@@ -151,21 +151,12 @@ def close_round(ledger, k: int, summary: dict, early_stop_drop: float | None, ba
     """Score round k, stack it unless its score dropped, write the manifest; the early-stop message, or None."""
     from lora_cai.cai.metrics import early_stop, quality_score
 
-    m = ledger.read()
     scores = {0: quality_score(_read(ledger.store.root / BASELINE_EVAL))}
-    scores.update({int(r): v.get("quality") for r, v in m["rounds"].items() if int(r) < k})
+    scores.update({int(r): v.get("quality") for r, v in ledger.read()["rounds"].items() if int(r) < k})
     scores[k] = summary["quality"] = quality_score(summary.get("eval"))
     stopped = early_stop(scores.get(k - 1), scores[k], early_stop_drop)
-    m["stack"] = [s for s in m["stack"] if round_of_stack_entry(s) < k] + ([] if stopped else [stack_entry(k)])
-    m["rounds"][str(k)] = summary
-    m.pop("stopped_round", None)
-    known = {r: s for r, s in scores.items() if s is not None}
-    m["best_round"] = max(known, key=lambda r: (known[r], -r)) if known else None
-    if stopped:
-        m["stopped_round"] = k
-        m["rounds"] = {r: v for r, v in m["rounds"].items() if int(r) <= k}
     ledger.backend = backend or ledger.backend
-    ledger.write(m)
+    m = ledger.close_round(k, summary, scores, stopped)
     if not stopped:
         return None
     return (f"[bold yellow]early stop[/]: round {k}'s quality score {scores[k]:.3f} fell more than "

@@ -21,7 +21,9 @@ from lora_cai.core.layout import (
     MANIFEST,
     round_of,
     round_of_stack_entry,
+    stack_entry,
 )
+from lora_cai.core.manifest import Manifest
 from lora_cai.core.store import RunStore
 from lora_cai.stages.registry import ROUND_STAGES, restart_files
 
@@ -91,7 +93,7 @@ class Ledger:
         self.writes = writes  # under accelerate launch only the main process writes
         self.backend: str | None = None
 
-    def read(self) -> dict:
+    def read(self) -> Manifest:
         m = self.store.read_manifest() or {}
         if not m:
             import importlib.metadata as md
@@ -112,7 +114,22 @@ class Ledger:
         m.setdefault("stages", {})
         return m
 
-    def write(self, m: dict) -> None:
+    def close_round(self, k: int, summary: dict, scores: dict[int, float | None], stopped: bool) -> Manifest:
+        """Round k's summary in; its adapter stacked unless it `stopped` the run early (then later rounds go); the
+        best round by quality `scores` (0: the base). Written, and returned."""
+        m = self.read()
+        m["stack"] = [s for s in m["stack"] if round_of_stack_entry(s) < k] + ([] if stopped else [stack_entry(k)])
+        m["rounds"][str(k)] = summary
+        m.pop("stopped_round", None)
+        known = {r: s for r, s in scores.items() if s is not None}
+        m["best_round"] = max(known, key=lambda r: (known[r], -r)) if known else None
+        if stopped:
+            m["stopped_round"] = k
+            m["rounds"] = {r: v for r, v in m["rounds"].items() if int(r) <= k}
+        self.write(m)
+        return m
+
+    def write(self, m: Manifest) -> None:
         if self.writes and self.store.read_manifest() != m:  # a rerun that changes nothing rewrites nothing
             self.store.write_manifest(m)
 
