@@ -62,16 +62,22 @@ def dry_run(cfg, console) -> None:
               + ("both stay loaded" if both <= cfg.vram_gb else
                  "the student is unloaded while the teacher critiques and judges"))
     from lora_cai.core.store import RunStore
+    from lora_cai.data.rundata import load_run_data
 
+    data = None
+    if cfg.eval.per_principle and cfg.data.eval_limit:  # the per-principle stage's size, from the loaded sets
+        from lora_cai.stages.principles import dry_run_line
+
+        data = load_run_data(cfg)
+        print(dry_run_line(data))
     manifest = RunStore(cfg.output_dir).read_manifest()
     if manifest is None:
         return
     from lora_cai.loop.display import print_plan
     from lora_cai.loop.rounds import all_inputs, reruns
-    from lora_cai.data.rundata import load_run_data
     from lora_cai.loop.rundir import check_run_dir
 
-    data = load_run_data(cfg)
+    data = data or load_run_data(cfg)
     notice = check_run_dir(cfg, data.constitution)
     if notice:
         print(notice)

@@ -119,7 +119,7 @@ def test_hub_dataset_goes_through_the_hub_reader(monkeypatch):
 
     seen = {}
 
-    def fake_hub(dataset_id, where, split):
+    def fake_hub(dataset_id, where, split, subset=None):
         seen.update(id=dataset_id, where=where, split=split)
         return [{"prompt": "p", "response": "r"}]
 

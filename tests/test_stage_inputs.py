@@ -53,7 +53,8 @@ NEW = {
     "model.dtype": "float32", "model.max_seq_length": 1024, "model.trust_remote_code": True,
     "constitution": "harmless", "data.prompts": "builtin:train", "data.prompt_column": "text", "data.split": "test",
     "data.limit": 3, "data.eval_harmful": "builtin:heldout_benign", "data.eval_benign": "builtin:heldout_harmful",
-    "data.eval_limit": 3, "data.label_column": "category", "data.dev": 2, "rounds": 3, "seed": 7, "vram_gb": 12.0, "output_dir": "elsewhere",
+    "data.eval_limit": 3, "data.eval_seed": 5, "data.eval_column": "text", "data.eval_split": "test",
+    "data.eval_subset": "hard", "data.category_column": "type", "data.label_column": "category", "data.dev": 2, "rounds": 3, "seed": 7, "vram_gb": 12.0, "output_dir": "elsewhere",
     "generation.max_new_tokens": 100, "generation.critique_max_new_tokens": 50, "generation.temperature": 0.3,
     "generation.top_p": 0.8, "generation.token_budget": 8000, "generation.max_batch_size": 16,
     "generation.base_url": "http://127.0.0.1:8/v1", "generation.model": "other-{round}",
@@ -67,6 +68,7 @@ NEW = {
     "pairs.n_samples": 3, "pairs.judge_revisions": True, "pairs.sample_demonstrations": 2, "pairs.contrast": True,
     "pairs.sft_accepted": True, "eval.max_new_tokens": 48, "eval.win_rate": False,
     "eval.capability": "", "eval.capability_limit": 10, "eval.critic_check": False, "eval.early_stop_drop": 0.2,
+    "eval.per_principle": True,
     "lora.r": 8, "lora.alpha": 32, "lora.dropout": 0.1, "lora.target_modules": ["q_proj", "v_proj"],
     "sft.grad_accum": 2, "sft.save_steps": 10, "sft.learning_rate": 1e-4, "sft.epochs": 2.0, "sft.batch_size": 2,
     "sft.max_length": 512, "sft.helpful_data": None, "sft.helpful_fraction": 0.5, "sft.helpful_prompt_column": "q",
@@ -149,7 +151,7 @@ def downstream(keys: set[str], rounds: int) -> set[str]:
         edges.update({r + "responses": {r + "samples", r + "critique", r + "judge"},
                       r + "samples": {r + "judge"}, r + "critique": {r + "judge"}, r + "judge": {r + "train"},
                       r + "train": {r + "eval"} | {f"round-{k + 1}/{s}" for s in ROUND_STAGE_NAMES},
-                      r + "eval": {f"round-{k + 1}/eval"}})
+                      r + "eval": {f"round-{k + 1}/eval", r + "principles"}})
     out, todo = set(), list(keys)
     while todo:
         key = todo.pop()

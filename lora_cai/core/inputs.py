@@ -101,7 +101,8 @@ JUDGE = ("judge.kind",
 JUDGE_DATA_RULES = If(judge_is("rule"), "judge.rules")
 # Evaluation: greedy held-out answers on the local policy, the capability probe, and with a rule judge the
 # policy's sampled violation rate.
-EVAL = (*MODEL, *LOCAL_BATCH, "eval.max_new_tokens", "eval.capability", "eval.capability_limit", *JUDGE,
+EVAL = (*MODEL, *LOCAL_BATCH, "eval.max_new_tokens", "eval.capability", "eval.capability_limit",
+        "data.category_column", *JUDGE,
         If(judge_is("rule"), "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
            "data.label_column"))
 EVAL_USES = (*POLICY_USES, *API_USES, *TEACHER_USES)
@@ -113,7 +114,11 @@ DATA_KEYS = {
                 If(lambda c: c.data.dev > 0, "data.label_column", "seed")),
     "eval_sets": ("data.eval_harmful", "data.eval_benign", "data.eval_limit", "data.dev",
                   If(lambda c: c.data.dev > 0, "data.label_column", "seed", "data.prompts", "data.prompt_column",
-                     "data.split", "data.limit")),
+                     "data.split", "data.limit"),
+                  If(lambda c: not c.data.dev, "data.eval_seed", "data.eval_column", "data.eval_split",
+                     "data.eval_subset", "data.category_column", "data.label_column")),
+    # What the held-out sets are: source, a named set's package version, the drawn subset's hash (rundata.SOURCE_KEYS).
+    "eval_sources": ("data.eval_harmful", "data.eval_benign", "data.eval_limit", "data.eval_seed", "data.dev"),
     "helpful": ("sft.helpful_data", If(_helpful, "sft.helpful_fraction", "sft.helpful_prompt_column",
                                        "sft.helpful_response_column", "sft.helpful_split")),
     "constitution": ("constitution",),

@@ -21,6 +21,7 @@ class RunData:
     capability: list[dict]                    # the capability probe's items (empty when skipped)
     canaries: list[dict]                      # the critic check's canary answers
     hashes: dict[str, str] = field(default_factory=dict)
+    eval_info: dict[str, dict] = field(default_factory=dict)  # per held-out set: what was read (PromptSet.extra)
 
 
 def _src(cfg, src: str) -> str:
@@ -42,7 +43,7 @@ def load_constitution_of(cfg):
 
 def load_run_data(cfg) -> RunData:
     """Everything the stages read besides the recipe's settings, read once; a bad file fails now, not after hours."""
-    from lora_cai.data.sources import load_helpful, load_prompts
+    from lora_cai.data.sources import is_hub, load_helpful, load_prompts
     from lora_cai.cai.refusal import REFUSAL_DETECTOR_VERSION
     from lora_cai.data.heldout import load_canaries, load_capability
     from lora_cai.core.store import content_hash
@@ -54,9 +55,16 @@ def load_run_data(cfg) -> RunData:
     if d.dev:
         prompts, dev = dev_split(prompts, d.label_column, d.dev, cfg.seed)
         eval_sets = dev if d.eval_limit else {}
-    elif d.eval_limit:
+    eval_info: dict[str, dict] = {}
+    if not d.dev and d.eval_limit:
         for key, src in (("harmful", d.eval_harmful), ("benign", d.eval_benign)):
-            eval_sets[key] = load_prompts(_src(cfg, src), limit=d.eval_limit, where=f"data.eval_{key}").records
+            src = _src(cfg, src)
+            hub = {"column": d.eval_column, "split": d.eval_split, "subset": d.eval_subset} if is_hub(src) else {}
+            held = load_prompts(src, **hub, limit=d.eval_limit, seed=d.eval_seed, where=f"data.eval_{key}",
+                                category_column=d.category_column, column_key="data.eval_column")
+            if "set" in held.extra and d.label_column:  # a named set's prompts take the label of the set they fill
+                held.records = [{**r, d.label_column: r.get(d.label_column, key)} for r in held.records]
+            eval_sets[key], eval_info[key] = held.records, held.extra
     sft = cfg.sft
     helpful = load_helpful(_src(cfg, sft.helpful_data), prompt_column=sft.helpful_prompt_column,
                            response_column=sft.helpful_response_column, split=sft.helpful_split,
@@ -69,6 +77,8 @@ def load_run_data(cfg) -> RunData:
         try:
             path = cfg.rules_file()
             rules = RuleJudge.from_file(path)
+            for name in rules.principles:  # a rule's principle is one of the constitution's
+                constitution.principle(name)
         except UserError as e:
             raise UserError(f"{cfg.source}: judge.rules: {e}") from None
         rules_text = Path(path).read_text(encoding="utf-8")
@@ -79,8 +89,11 @@ def load_run_data(cfg) -> RunData:
         capability = load_capability(e.capability if e.capability.startswith("builtin:") else cfg.resolve(e.capability),
                                      e.capability_limit)
     canaries = load_canaries() if e.critic_check and cfg.critique.steps else []
-    data = RunData(constitution, prompts, eval_sets, helpful, rules, rules_text, capability, canaries)
+    data = RunData(constitution, prompts, eval_sets, helpful, rules, rules_text, capability, canaries,
+                   eval_info=eval_info)
     data.hashes = {"prompts": content_hash(prompts.records), "eval_sets": content_hash(eval_sets),
+                   "eval_sources": content_hash({key: {k: v for k, v in i.items() if k in SOURCE_KEYS}
+                                                 for key, i in eval_info.items()}),
                    "helpful": content_hash(helpful), "constitution": constitution.hash(),
                    "rules": content_hash(rules_text), "capability": content_hash(capability),
                    "canaries": content_hash(canaries), "refusal_detector": content_hash(REFUSAL_DETECTOR_VERSION)}
@@ -88,6 +101,9 @@ def load_run_data(cfg) -> RunData:
 
 
 LABELS = ("harmful", "benign")
+# What names a held-out set as an input of the evaluations: where it came from, a named set's package version, and
+# which prompts were drawn (`data.sources.subset_hash`). The words describing a set's rates are not among them.
+SOURCE_KEYS = ("source", "set", "package", "version", "total", "n", "seed", "subset")
 
 
 def dev_split(prompts, column: str, n: int, seed: int):

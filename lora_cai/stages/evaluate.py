@@ -25,7 +25,7 @@ from lora_cai.core.stage import Stage
 # --------------------------------------------------------------------------------------------------
 
 def evaluate(generator, harmful: list[dict], benign: list[dict], *, max_new_tokens: int = 96, progress=None,
-             refusal_judge=None) -> dict:
+             refusal_judge=None, category_column: str | None = None) -> dict:
     """Greedy answers to the held-out sets; rates of complying with harmful and refusing benign prompts.
 
     `generator` is a `generators.LocalGenerator` or `APIGenerator` serving the policy to evaluate.
@@ -36,6 +36,7 @@ def evaluate(generator, harmful: list[dict], benign: list[dict], *, max_new_toke
     judge did not decide), `heuristic_disagreement` (share of judged answers where judge and heuristic differ;
     absent when the judge decided none) and, per sample, `refusal_judge` and `refusal_heuristic`.
     An answer that is None (prompt too long, request failed) counts as neither complying nor refusing.
+    With `category_column`, each sample of a record carrying that column has its value as "category".
     """
     rows = [("harmful", r) for r in harmful] + [("benign", r) for r in benign]
     conversations = [[{"role": "user", "content": r["prompt"]}] for _, r in rows]
@@ -55,6 +56,8 @@ def evaluate(generator, harmful: list[dict], benign: list[dict], *, max_new_toke
     samples = []
     for i, ((kind, r), a) in enumerate(zip(rows, answers)):
         s = {"id": r["id"], "set": kind, "prompt": r["prompt"], "answer": a, "refusal": refusal[i]}
+        if category_column and r.get(category_column) is not None:
+            s["category"] = str(r[category_column])
         if refusal_judge is not None:
             s.update(refusal_judge=judged[i], refusal_heuristic=heuristic[i])
         samples.append(s)
@@ -169,8 +172,8 @@ def baseline_stage(ctx, inp):
 
 BASELINE_STAGE = Stage(
     "baseline_eval", baseline_stage, files=(BASELINE_EVAL,), restartable=False,
-    reads=Decl(settings=EVAL, data=("eval_sets", "capability", "rules", "refusal_detector"), uses=EVAL_USES,
-               exists=lambda c: c.data.eval_limit > 0, per_round=False))
+    reads=Decl(settings=EVAL, data=("eval_sets", "eval_sources", "capability", "rules", "refusal_detector"),
+               uses=EVAL_USES, exists=lambda c: c.data.eval_limit > 0, per_round=False))
 
 
 def eval_stage(ctx, inp, adapter):
@@ -189,6 +192,10 @@ def eval_stage(ctx, inp, adapter):
             if ctx.models.model is None:  # trained by an earlier process: the stack plus the saved adapter
                 ctx.models.with_trained_adapter(cfg, k, ctx.stack, adapter)
             result = evaluate_policy(ctx, previous)
+        # Against the base, per category and per principle: the baseline's inputs are a subset of this stage's
+        # (its settings and data, and through `previous` its hash), so a changed baseline reruns this too.
+        base = ctx.run_dir / BASELINE_EVAL
+        result.update(against_base(read_json(base) if base.exists() else None, result))
         atomic_write_json(path, {"inputs": inp.hash, **result})
     ev = read_json(path)
     done.outputs = ev
@@ -198,9 +205,28 @@ def eval_stage(ctx, inp, adapter):
     return done
 
 
+def against_base(base: dict | None, ev: dict) -> dict:
+    """What eval.json adds beside its own rates when the baseline is there: `by_category` (each category's
+    harmful compliance and over-refusal, base and this round, the paired change with its 95% interval and Holm's
+    flag) and `violations_by_principle` (the same for each principle's rule violations)."""
+    from lora_cai.cai import effects
+
+    if base is None:
+        return {}
+    out = {}
+    cats = effects.by_category(base, ev)
+    if cats:
+        out["by_category"] = cats
+    principles = effects.violation_changes(base, ev)
+    if principles:
+        out["violations_by_principle"] = principles
+    return out
+
+
 EVAL_STAGE = Stage(
     "eval", eval_stage, files=("eval.json",), takes=("train",),
-    reads=Decl(settings=(*EVAL, "eval.win_rate"), data=("eval_sets", "capability", "rules", "refusal_detector"),
+    reads=Decl(settings=(*EVAL, "eval.win_rate"),
+               data=("eval_sets", "eval_sources", "capability", "rules", "refusal_detector"),
                after=("train", "previous"), uses=EVAL_USES, exists=lambda c: c.data.eval_limit > 0))
 
 
@@ -234,8 +260,16 @@ def evaluate_policy(ctx, previous: dict | None) -> dict:
     with make_progress(console=ctx.console, transient=True) as progress:
         result = evaluate(gen, data.eval_sets.get("harmful", []), data.eval_sets.get("benign", []),
                           max_new_tokens=e.max_new_tokens, progress=progress,
-                          refusal_judge=None if cfg.judge.kind == "rule" else refusal_judge)
+                          refusal_judge=None if cfg.judge.kind == "rule" else refusal_judge,
+                          category_column=cfg.data.category_column)
     result.update(extra)
+    if data.eval_info:  # what each held-out set is, and for a named set what its rates measure
+        result["sets"] = data.eval_info
+    from lora_cai.cai.effects import category_rates
+
+    categories = category_rates(result)
+    if categories:
+        result["category_rates"] = categories
     compare = previous is not None and e.win_rate
     calls = {}
     if hasattr(judge, "calls"):  # a server judge: what it did not answer, and the stop past judge.max_failures
@@ -279,14 +313,22 @@ def violation_rates(ctx, gen) -> dict:
                            max_new_tokens=g.max_new_tokens, temperature=g.temperature or 0.7, top_p=g.top_p,
                            seed=cfg.seed)
     judged: dict[str, list[bool]] = {}
+    by_principle: dict[str, dict[str, list[bool]]] = {}  # principle -> "set:id" -> violated, per sampled answer
     for i, a in enumerate(answers):
         name, r = rows[i // VIOLATION_SAMPLES]
         if a is not None:
             labels = labels_of(r, cfg.data.label_column)
             judged.setdefault(name, []).append(data.rules.violations(a, labels, r["prompt"]) > 0)
+            for principle, hit in data.rules.principle_violations(a, labels, r["prompt"]).items():
+                by_principle.setdefault(principle, {}).setdefault(f"{name}:{r['id']}", []).append(hit)
     every = [v for vs in judged.values() for v in vs]
-    return {"violation_rate": sum(every) / len(every) if every else None, "violation_samples": len(every),
-            "violation_rate_by_set": {name: sum(vs) / len(vs) for name, vs in judged.items() if vs}}
+    out = {"violation_rate": sum(every) / len(every) if every else None, "violation_samples": len(every),
+           "violation_rate_by_set": {name: sum(vs) / len(vs) for name, vs in judged.items() if vs}}
+    if by_principle:  # rules that name a principle: its rate, and per prompt for the paired intervals
+        out["violation_rate_by_principle"] = {
+            p: sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()) for p, per in by_principle.items()}
+        out["principle_violations"] = by_principle
+    return out
 
 
 def win_rate(ctx, current: list[dict], previous: list[dict]) -> tuple[dict, object]:

@@ -10,13 +10,14 @@ from lora_cai.stages.critic_check import CRITIC_CHECK_STAGE
 from lora_cai.stages.critique import CRITIQUE_STAGE
 from lora_cai.stages.evaluate import BASELINE_STAGE, EVAL_STAGE
 from lora_cai.stages.judge import JUDGE_STAGE
+from lora_cai.stages.principles import PRINCIPLES_STAGE
 from lora_cai.stages.responses import RESPONSES_STAGE, SAMPLES_STAGE
 from lora_cai.stages.train import TRAIN_STAGE
 
 # Once, before round 1, each writing one file at the run directory's top.
 RUN_STAGES = (CRITIC_CHECK_STAGE, BASELINE_STAGE)
 # Every round, in this order, each owning its files inside round-<k>/.
-ROUND_STAGES = (RESPONSES_STAGE, SAMPLES_STAGE, CRITIQUE_STAGE, JUDGE_STAGE, TRAIN_STAGE, EVAL_STAGE)
+ROUND_STAGES = (RESPONSES_STAGE, SAMPLES_STAGE, CRITIQUE_STAGE, JUDGE_STAGE, TRAIN_STAGE, EVAL_STAGE, PRINCIPLES_STAGE)
 STAGES = {s.name: s for s in RUN_STAGES + ROUND_STAGES}
 ROUND_STAGE_NAMES = tuple(s.name for s in ROUND_STAGES)
 # What --restart-from offers (samples restarts with the responses it extends).
