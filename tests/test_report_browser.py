@@ -27,7 +27,8 @@ def report(tiny_model, tmp_path_factory) -> Path:
             pytest.fail("chromium is not installed: apt-get update && apt-get install -y chromium")
         pytest.skip("no chromium here (apt-get install chromium); CI installs it and requires this test")
     root = tmp_path_factory.mktemp("browser")
-    recipe = write_recipe(root / "r.yaml", tiny_model, root / "run")
+    recipe = write_recipe(root / "r.yaml", tiny_model, root / "run",
+                          eval="{early_stop_drop: null, capability_limit: 8, per_principle: true}")
     proc = run_cli(str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = root / "run"
@@ -51,7 +52,21 @@ def test_the_report_reads_in_a_real_browser(report):
     with Browser() as b:
         b.open((report / "report.html").resolve().as_uri())
         images = b.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
-        assert len(images) == 5 and all(ok for _, ok in images), images
+        assert len(images) == 6 and all(ok for _, ok in images), images
+        # The per-principle heatmap (principles x rounds), beside its table: decoded, its pixels read back through a
+        # canvas. 17 principles and 2 rounds make a 480 x 766 figure; its cells are coloured (not grey, not white).
+        heat = "Array.from(document.images).find(i => i.alt.startsWith('Per-principle effects'))"
+        assert b.evaluate(f"[{heat}.naturalWidth, {heat}.naturalHeight]") == [480, 766]
+        coloured = b.evaluate(f"""(() => {{ const img = {heat}, c = document.createElement('canvas');
+            c.width = img.naturalWidth; c.height = img.naturalHeight; const x = c.getContext('2d');
+            x.drawImage(img, 0, 0); const d = x.getImageData(0, 0, c.width, c.height).data; let n = 0;
+            for (let i = 0; i < d.length; i += 4) {{ const m = Math.max(d[i], d[i+1], d[i+2]),
+              l = Math.min(d[i], d[i+1], d[i+2]); if (m - l > 60) n += 1; }} return n / (c.width * c.height); }})()""")
+        assert coloured > 0.2, coloured
+        table = b.evaluate(f"""(() => {{ const t = {heat}.closest('.beside').querySelector('table');
+            return [Array.from(t.querySelectorAll('th')).map(h => h.textContent), t.querySelectorAll('tbody tr').length];
+            }})()""")
+        assert table == [["principle", "round 1", "round 2"], 17]
         order = b.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
         assert order[:3] == ["Plots", "Answers side by side", "The run"] and "Rounds" in order
         assert b.evaluate("document.querySelector('.summary') !== null && document.querySelector('.summary')"

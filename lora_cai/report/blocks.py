@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lora_cai.core.layout import stack_entry
+from lora_cai.report.effects import effect_blocks, set_lines
 from lora_cai.report.tables import (
     DROP_HEADERS,
     DROP_REASONS,
@@ -127,6 +128,7 @@ def summary(run: dict, metrics: list[dict]) -> tuple[list[tuple], list[str]]:
                      f"noise; use `critic: teacher` or `critic: api` with a capable model")
     lines.append(_judge_check(run))
     lines += _detector_lines(run, k)
+    lines += set_lines(run, k)
     seconds = [_number(r["summary"].get("seconds")) for r in run["rounds"]]
     peaks = [v for _, _, mem in memory_rows(run)[1] for v in mem.values() if _number(v) is not None]
     lines.append(f"time: {_fmt(sum(x for x in seconds if x) / 60, 1)} minutes over {len(run['rounds'])} round(s); "
@@ -301,6 +303,7 @@ def _blocks(run: dict) -> list[tuple]:
                      NA if row["capability_delta"] is None else f"{row['capability_delta']:+.4f}",
                      _fmt(row["detector"]), _fmt(row["heuristic_disagreement"])])
     b.append(("table", METRIC_HEADERS, rows) if rows else ("p", "n/a: no evaluation in this run."))
+    b += effect_blocks(run, final_round(run))
 
     b.append(("h2", "Judging"))
     b.append(("note", "From each round's summary (manifest.json: judge, samples) and pairs.jsonl (pairs by source). "

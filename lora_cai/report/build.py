@@ -36,6 +36,7 @@ import argparse
 from pathlib import Path
 
 from lora_cai.report.blocks import _blocks
+from lora_cai.report.effects import HEATMAP, plot_principles
 from lora_cai.report.load import load_run
 from lora_cai.report.plots import plot_critiques, plot_dpo, plot_eval, plot_judge_labels, plot_sft
 from lora_cai.report.render import render_html, render_markdown
@@ -55,6 +56,8 @@ def build_report(run_dir: str | Path) -> Path:
     plot_eval(run, plot_dir / "eval.png")
     plot_judge_labels(run, plot_dir / "judge_labels.png")
     plot_critiques(run, plot_dir / "critique_outcomes.png")
+    if not plot_principles(run, plot_dir / HEATMAP):
+        (plot_dir / HEATMAP).unlink(missing_ok=True)  # a rerun without per-principle effects keeps no stale one
     blocks = _blocks(run)
     md = root / "report.md"
     atomic_write_text(md, render_markdown(blocks))

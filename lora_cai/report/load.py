@@ -70,6 +70,7 @@ def _load_round(root: Path, k: int, summary: dict) -> dict:
         "judgments": _read_jsonl(rd / "judgments.jsonl") if (rd / "judgments.jsonl").exists() else None,
         "train": _read_json(rd / "train.json"),
         "eval": _read_json(rd / "eval.json"),
+        "principles": _read_json(rd / "principles.json"),
     }
 
 

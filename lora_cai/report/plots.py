@@ -14,6 +14,9 @@ PLOTS = {  # file name under report/ -> title
     "judge_labels.png": "Judge labels: histogram of P(a better) per round",
     "critique_outcomes.png": "Critique outcomes per round",
 }
+# Drawn only when the run has what they show (report.effects).
+OPTIONAL_PLOTS = {"principles.png": "Per-principle effects against the base: principles x rounds"}
+TITLES = {**PLOTS, **OPTIONAL_PLOTS}
 
 
 # ------------------------------------------------------------------ plots

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from lora_cai.report.blocks import COMPARE_MD_ROWS, _truncate, refusal_label, win_label
-from lora_cai.report.plots import PLOTS
+from lora_cai.report.plots import TITLES
 from lora_cai.report.tables import NA
 
 
@@ -32,7 +32,13 @@ def render_markdown(blocks: list[tuple]) -> str:
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
         elif kind == "img":
-            out.append(f"![{PLOTS[blk[1]]}](report/{blk[1]})")
+            out.append(f"![{TITLES[blk[1]]}](report/{blk[1]})")
+        elif kind == "beside":  # an image and the table it draws
+            _, name, headers, rows = blk
+            out.append(f"![{TITLES[name]}](report/{name})")
+            lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
         elif kind == "note":
             out.append(f"*What the columns mean:* {blk[1]}")
         elif kind == "summary":
@@ -68,7 +74,8 @@ vertical-align:top}th{background:#f3f3f3}td{white-space:pre-wrap}img{max-width:1
 min-width:14em}.fig .label{color:#555}.fig .big{font-size:2em;font-weight:600}.fig .change{font-size:.85em;color:#444}
 details.note{margin:.5em 0;color:#444;font-size:.9em}details.note summary{cursor:pointer}
 table.compare td{width:1%}table.compare .verdict{font-weight:600;font-size:.85em;color:#333;white-space:normal}
-.filter{margin:.5em 0}@media print{.filter{display:none}details.note>p{display:block}}"""
+.filter{margin:.5em 0}@media print{.filter{display:none}details.note>p{display:block}}
+.beside{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.beside img{margin:1em 0;max-width:min(100%,520px)}"""
 # The side-by-side filter: a few lines of inline JavaScript, no library, no network. Without JavaScript every
 # prompt shows; printing opens the column notes.
 _SCRIPT = """<script>
@@ -111,7 +118,14 @@ def render_html(blocks: list[tuple], plot_dir: Path) -> str:
             out.append("</tbody></table>")
         elif kind == "img":
             data = base64.b64encode((plot_dir / blk[1]).read_bytes()).decode("ascii")
-            out.append(f'<img alt="{e(PLOTS[blk[1]])}" src="data:image/png;base64,{data}">')
+            out.append(f'<img alt="{e(TITLES[blk[1]])}" src="data:image/png;base64,{data}">')
+        elif kind == "beside":  # an image and the table it draws, side by side where the page is wide enough
+            _, name, headers, rows = blk
+            data = base64.b64encode((plot_dir / name).read_bytes()).decode("ascii")
+            out.append(f'<div class="beside"><img alt="{e(TITLES[name])}" src="data:image/png;base64,{data}">'
+                       "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+                       + "</tbody></table></div>")
         elif kind == "note":
             out.append(f'<details class="note"><summary>What the columns mean</summary><p>{e(blk[1])}</p></details>')
         elif kind == "summary":
