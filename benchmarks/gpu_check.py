@@ -196,8 +196,8 @@ def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
             import unsloth  # noqa: F401  (before transformers, as lora_cai does)
     from lora_cai.engine import models
     from lora_cai import recipe
-    from lora_cai.trainers.common import _precision_args
     from lora_cai.loop import rounds
+    from lora_cai.trainers import common
     from lora_cai.tiny import build_tiny_model
 
     key = ("round", dtype)
@@ -214,7 +214,7 @@ def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
         "eval: {early_stop_drop: null, capability_limit: 8}"]) + "\n")
 
     counters = Counters()
-    run_round, save_adapter, precision = rounds.run_round, models.save_adapter, _precision_args
+    run_round, save_adapter, precision = rounds.run_round, models.save_adapter, common._precision_args
     fingerprints: dict[int, str] = {}
     saves: dict[int, dict] = {}
 
@@ -244,7 +244,7 @@ def part_round(out: Path, dtype: str, tiny: bool, work: Path) -> None:
         record(out, key + ("rounds", counters.round, "grad_scaler"), getattr(self, "scaler", None) is not None)
 
     accelerate.Accelerator.__init__ = seen_scaler
-    rounds.run_round, models.save_adapter, _precision_args = counted_round, checked_save, seen_precision
+    rounds.run_round, models.save_adapter, common._precision_args = counted_round, checked_save, seen_precision
     record(out, key + ("status",), "running")
     start = time.time()
     rc = recipe.main([str(recipe_file)])
