@@ -46,6 +46,7 @@ BASES = {
                                        "chain_of_thought": True},
             "generation": {"base_url": "http://127.0.0.1:9/v1", "model": "policy-{round}"}},
     "rule": {"judge": {"kind": "rule", "rules": RULES}},
+    "vllm": {"generation": {"engine": "vllm"}},
 }
 # A valid other value for every key (lists and dicts as whole values), and the keys that must change with it.
 NEW = {
@@ -59,6 +60,7 @@ NEW = {
     "generation.top_p": 0.8, "generation.token_budget": 8000, "generation.max_batch_size": 16,
     "generation.base_url": "http://127.0.0.1:8/v1", "generation.model": "other-{round}",
     "generation.api_key_env": "SOME_KEY", "generation.concurrency": 2, "generation.timeout": 30.0,
+    "generation.engine": "vllm", "generation.vllm_weights": "lora", "generation.adapter_dir": "/shared/adapters",
     "critic": "self", "critique.steps": 3, "critique.demonstrations": 1, "critique.temperature": 0.5,
     "judge.kind": "self", "judge.model": "other-judge", "judge.base_url": "http://127.0.0.1:7/v1",
     "judge.api_key_env": "JUDGE_KEY", "judge.load_in_4bit": False, "judge.trust_remote_code": True, "judge.rules": str(ROOT / "recipes" / "rules" /
@@ -87,6 +89,7 @@ TOGETHER = {
     ("rule", "generation.base_url"): {"generation.model": "p-{round}"},
     ("teacher", "generation.base_url"): {"generation.model": "p-{round}"},
     ("api", "generation.base_url"): {},
+    ("vllm", "generation.base_url"): {"generation.model": "the-base"},  # a user's vLLM server: the base's name
     ("self", "pairs.contrast"): {"pairs.builder": "best_of_n", "pairs.sample_demonstrations": 5,
                                  "pairs.n_samples": 3},
     ("rule", "pairs.sft_accepted"): {"pairs.builder": "best_of_n", "critique.steps": 0},

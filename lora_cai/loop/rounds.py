@@ -116,7 +116,7 @@ def run(cfg, console, *, stop_before_train: bool = False) -> dict:
         try:
             summary = run_round(ledger, ctx, plan, stop_before_train=stop_before_train)
         except StopBeforeTrain:
-            models.drop_all()
+            models.close()
             console.print(f"round {k}: data ready ({ctx.dir}/sft.jsonl, pairs.jsonl); train it with [bold]accelerate "
                           f"launch -m lora_cai.train {cfg.source}[/], then rerun this command")
             return ledger.read()
@@ -129,6 +129,7 @@ def run(cfg, console, *, stop_before_train: bool = False) -> dict:
         stack.append(stack_entry(k))
         stack_hashes.append(plan["train"].hash)
         previous = plan["eval"].hash if plan["eval"] else None
+    models.close()
     m = ledger.read()
     final = round_of_stack_entry(m["stack"][-1]) if m["stack"] else None
     display.print_before_after(console, m, _read(store.root / BASELINE_EVAL),

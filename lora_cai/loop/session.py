@@ -56,6 +56,7 @@ class Models:
         self.frozen: list[str] = []
         self.trained = False  # the policy's new adapter has weights (trained here, or loaded)
         self.teacher_model = self.teacher_tokenizer = None
+        self.vllm = None  # the run's vLLM engine (generation.engine: vllm), started on first use
 
     # ---------------------------------------------------------------- lifetimes
     def resolve_backend(self, cfg) -> str:
@@ -100,6 +101,8 @@ class Models:
         """The policy in training mode: the stack and the new adapter active, only the new one trainable."""
         from lora_cai.engine import models
 
+        if self.vllm is not None:
+            self.vllm.release()  # a managed vLLM server gives its memory and cores back to training
         model, tok = self.policy(cfg, k, stack)
         models.use_training_stack(model, self.frozen)
         models.for_training(model, self.backend)
@@ -170,13 +173,26 @@ class Models:
         self.drop_policy()
         self.drop_teacher()
 
+    def close(self) -> None:
+        """The run is over: the models leave memory, a managed vLLM server stops, and the adapter this run loaded
+        into a user's vLLM server is unloaded (a round's end keeps the server: it serves the next round's start)."""
+        self.drop_all()
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
+
     # ---------------------------------------------------------------- what the stages drive
     def generator(self, cfg, k: int, stack: list[Path], *, local: bool = False):
-        """The round's policy behind one generation interface: the local model, or the recipe's server.
+        """The round's policy behind one generation interface: the local model, the recipe's server, or vLLM.
 
-        Evaluation always runs locally (`local=True`): the policy just trained is the one in memory.
+        Evaluation runs locally (`local=True`): the policy just trained is the one in memory; with
+        `generation.engine: vllm` that policy (the stack and the trained adapter) is served by vLLM instead.
         """
         g = cfg.generation
+        if g.engine == "vllm":
+            from lora_cai.engine.vllm import VLLMGenerator
+
+            return VLLMGenerator(self.served(cfg, k, stack), batch_size=g.max_batch_size)
         if not local and g.base_url:
             from lora_cai.engine.api import ChatClient
             from lora_cai.engine.generators import APIGenerator
@@ -214,6 +230,10 @@ class Models:
             return rules
         if j.kind == "api":
             return J.APIJudge(self.judge_client(cfg), top_logprobs=j.top_logprobs)
+        if j.kind == "self" and cfg.generation.engine == "vllm":
+            from lora_cai.engine.vllm import VLLMJudge
+
+            return VLLMJudge(self.served(cfg, k, stack))
         model, tok = self.teacher(cfg) if j.kind == "teacher" else self.for_inference(cfg, k, stack)
         g = cfg.generation
         return J.LogprobJudge(model, tok, kind=j.kind, token_budget=g.token_budget, max_batch_size=g.max_batch_size)
@@ -225,8 +245,21 @@ class Models:
         j = cfg.judge
         if j.kind == "api":
             return APIGenerator(self.judge_client(cfg), batch_size=max(j.concurrency * 4, 1))
+        if j.kind == "self" and cfg.generation.engine == "vllm":
+            return self.generator(cfg, k, stack)
         model, tok = self.teacher(cfg) if j.kind == "teacher" else self.for_inference(cfg, k, stack)
         return self.local_generator(cfg, model, tok)
+
+    def served(self, cfg, k: int, stack: list[Path]):
+        """The policy vLLM serves for round k (`engine.vllm.Served`): the starting policy (base + `stack`), or once
+        round k has trained (here, or loaded by `with_trained_adapter`), the stack and round k's adapter."""
+        from lora_cai.core.layout import ADAPTER, round_dir
+        from lora_cai.engine.vllm import VLLMEngine
+
+        if self.vllm is None:
+            self.vllm = VLLMEngine(self.run_dir, self.console)
+        policy = [Path(p) for p in stack] + ([self.run_dir / round_dir(k) / ADAPTER] if self.trained else [])
+        return self.vllm.policy(cfg, policy, policy_identity(policy), self.resolve_backend(cfg))
 
     def local_generator(self, cfg, model, tokenizer):
         """The batched engine on an in-process model, sharing prompt prefixes where the backend allows it."""

@@ -242,7 +242,7 @@ def evaluate_policy(ctx, previous: dict | None) -> dict:
     extra: dict = {}
     # Everything that needs the policy first: a local teacher judge may have to replace it in memory.
     if data.capability:
-        cap = capability_accuracy(gen.model, gen.tokenizer, data.capability)
+        cap = capability_accuracy(*session.for_inference(cfg, k, ctx.stack), data.capability)  # in memory, as with vLLM
         extra["capability"] = {"accuracy": cap["accuracy"], "n": cap["n"]}
     if data.rules is not None:
         extra.update(violation_rates(ctx, gen))
