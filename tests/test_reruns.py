@@ -107,9 +107,9 @@ def test_a_run_directory_of_an_older_scheme_is_refused_until_restarted(tiny_mode
 
 
 def test_a_scheme_2_run_directory_continues_redoing_judge_train_and_eval(tiny_model, tmp_path, capsys):
-    """Scheme 3 hashes pairs.sft_accepted and dpo.loss at every value: a scheme-2 directory's judge, train and eval
-    hashes no longer match and those stages rerun, with one line saying so; the stages before the judge are kept.
-    (Here the scheme-2 hashes are stood in for by marking exactly those stages' files with another hash.)"""
+    """A scheme-2 directory continues: the stages whose hashes moved rerun, listed after one line saying why; the
+    others are kept. (Here the moved hashes are stood in for by marking the judge, train and eval stages' files
+    with another hash; which stages move for the shipped recipes is in loop/rundir.py beside SCHEME_3.)"""
     path = recipe(tmp_path, tiny_model)
     assert main(path) == 0
     run = tmp_path / "run"
@@ -128,7 +128,9 @@ def test_a_scheme_2_run_directory_continues_redoing_judge_train_and_eval(tiny_mo
     capsys.readouterr()
     assert main(path, "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "made with hash scheme 2" in out and "judge, train and eval stages rerun" in out, out
+    assert "made with hash scheme 2" in out, out
+    for key in ("round-1/judge", "round-1/train", "round-1/eval"):  # the stages whose hash moved: listed to rerun
+        assert key in out, out
     assert main(path) == 0
     err = capsys.readouterr().err
     notice = [line for line in err.splitlines() if "made with hash scheme 2" in line]

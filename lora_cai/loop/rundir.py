@@ -70,11 +70,14 @@ def check_run_dir(cfg, constitution) -> str | None:
     return None
 
 
-# What moves when a scheme-2 directory continues: scheme 3 declares pairs.sft_accepted (judge) and dpo.loss (train) at
-# every value, so those stages' hashes, and every stage after them, change; nothing before the judge does.
-SCHEME_3 = ("{root}: made with hash scheme 2; scheme 3 hashes pairs.sft_accepted and dpo.loss at every value, so "
-            "each round's judge, train and eval stages rerun (responses, samples, critique, the critic check and the "
-            "baseline are kept)")
+# A scheme-2 directory continues: every stage whose inputs hash differently under scheme 3 reruns (the run prints
+# which, `loop.rounds.say_reruns`), and a stage whose hash is unchanged had the very same declared inputs. Scheme 3
+# hashes pairs.sft_accepted and dpo.loss at every value and declares inputs scheme 2 had not (the generation
+# engine, the held-out sets' sources): for the shipped recipes that is every stage but, with a teacher or an API
+# critic, the critic check.
+SCHEME_3 = ("{root}: made with hash scheme 2; scheme 3 hashes every key a stage reads at every value and declares "
+            "new inputs (the generation engine, the held-out sets' sources), so the stages whose inputs now hash "
+            "differently rerun, listed below; the others are kept")
 
 
 def _old_scheme(root: Path, scheme) -> UserError:
