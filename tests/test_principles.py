@@ -293,3 +293,28 @@ def test_the_per_principle_stage_with_a_model_judge_reads_only_what_it_declares(
     for r in p["records"]:
         if r["p"] is not None:
             assert r["p"] == pytest.approx((r["p_order1"] + r["p_order2"]) / 2, abs=2e-6)
+
+
+def test_a_server_judge_gives_the_local_judges_verdicts(tiny_model, tiny, tmp_path, monkeypatch):
+    """The per-principle comparisons sent to an OpenAI-compatible server (lora_cai.serve on the tiny model, every
+    option token among its log-probs) read the same P(A) as the local judge computes with the shared prefix."""
+    from lora_cai.cai.constitution import load_constitution
+    from lora_cai.engine.api import ChatClient
+    from lora_cai.engine.judges import APIJudge, LogprobJudge
+    from lora_cai.serve.server import start_server
+    from lora_cai.stages.principles import judge_principles
+
+    model, tok = tiny
+    principles = load_constitution("default").principles[:4]
+    server, url = start_server(model, tok, model_name="tiny", max_top_logprobs=tok.vocab_size)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    try:
+        remote = APIJudge(ChatClient(url, "tiny", concurrency=2, timeout=60), top_logprobs=tok.vocab_size)
+        over_http = judge_principles(remote, principles, pairs())
+    finally:
+        server.shutdown()
+    local = judge_principles(LogprobJudge(model, tok, kind="self"), principles, pairs())
+    assert remote.calls.requests == 2 * len(pairs()) * len(principles) and not remote.calls.failures
+    for a, b in zip(over_http, local):
+        assert (a["id"], a["principle"]) == (b["id"], b["principle"])
+        assert a["p"] == pytest.approx(b["p"], abs=1e-4)

@@ -318,6 +318,12 @@ def principles_stage(ctx, inp, current: dict | None):
         with timed(done.timing), base_judge(ctx) as judge:
             records = judge_principles(judge, principles, changed) + ties(principles, same, judge)
             calls = getattr(judge, "calls", None)
+        if calls is not None:  # a server judge: past judge.max_failures the stage stops (nothing written)
+            from lora_cai.engine.calls import stop_if_failing
+
+            j = cfg.judge
+            stop_if_failing(calls, calls.requests, j.max_failures, where=f"round {ctx.k} per-principle effects",
+                            who="judge", url=j.base_url.rstrip("/"), top_logprobs=j.top_logprobs)
         rule = data.rules is not None and cfg.judge.kind == "rule"
         measured = [p for p in principles if not rule or data.rules.names(p.name)]
         work = size(len(measured), len(changed))
