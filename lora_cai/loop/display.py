@@ -76,6 +76,10 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
             t.add_row("win rate vs previous round", win_rate_text(s["eval"]["win_rate"]))
         if s["eval"].get("capability"):
             t.add_row("capability probe accuracy", pct(s["eval"]["capability"]["accuracy"]))
+    if s.get("principles"):  # eval.per_principle: the principles Holm's correction flags against the base
+        p = s["principles"]
+        t.add_row("principles vs base", f"{p['judged']} measured; improved: {', '.join(p['improved']) or 'none'}; "
+                                        f"worsened: {', '.join(p['worsened']) or 'none'}")
     if s.get("quality") is not None:
         t.add_row("quality score", f"{s['quality']:.3f}")
     t.add_row("time", f"{s['seconds']} s")
