@@ -237,7 +237,7 @@ def test_learning_shows_by_principle(tiny_model, tmp_path):
             "judge forwards per round at most") in " ".join(dry.stdout.split())
     proc = run_cli(str(recipe), "--output-dir", str(run), "--set", f"model.name={tiny_model}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "principles vs base" in proc.stdout  # the round table names the flagged principles
+    assert "principles vs base" in proc.stdout + proc.stderr  # the round table names the flagged principles
     base = json.loads((run / "baseline-eval.json").read_text())
     assert set(base["violation_rate_by_principle"]) == {"clear_and_concise", "factual_accuracy"}
     for k in (1, 2):
