@@ -43,9 +43,11 @@ def test_per_category_changes_are_the_totals_paired_intervals_recomputed_by_hand
     z = cats["over_refusal"]["z"]
     assert (z["base"], z["rate"], z["change"], z["n"]) == (0.0, 1.0, 1.0, 1)
     # the same numbers as the totals' own function on each category's prompts alone
+    def only(ev: dict, cat: str) -> dict:
+        return {"samples": [s for s in ev["samples"] if s["category"] == cat]}
+
     for cat, e in cats["harmful_compliance"].items():
-        only = lambda ev: {"samples": [s for s in ev["samples"] if s["category"] == cat]}  # noqa: E731
-        c = paired_change(only(base), only(after), "harmful_compliance")
+        c = paired_change(only(base, cat), only(after, cat), "harmful_compliance")
         assert (c["change"], c["low"], c["high"], c["n"]) == (e["change"], e["low"], e["high"], e["n"])
     # three prompts at -1 are too few for a flag: a sign-flip p-value of 2/8 at best
     assert y["flag"] is None and y["p"] > 0.05

@@ -135,6 +135,34 @@ def _prefix_cache(model, ids, mask):
     return cache
 
 
+def _shared_batch(model, groups, prefixes, batch: list[int], pad: int, device):
+    """One batch of groups: their prefixes encoded once (left-padded together), the cache repeated for each group's
+    rows, then every row's own tokens after it (left-padded between prefix and suffix, positions continuing from
+    the row's prefix). Returns ([(batch position, group, row)], last-position logits), or None where the model's
+    cache cannot be shared."""
+    import torch
+
+    width = max(prefixes[g] for g in batch)
+    ids = torch.tensor([[pad] * (width - prefixes[g]) + groups[g][0][:prefixes[g]] for g in batch], device=device)
+    mask = torch.tensor([[0] * (width - prefixes[g]) + [1] * prefixes[g] for g in batch], device=device)
+    with torch.no_grad():
+        cache = _prefix_cache(model, ids, mask)
+    if cache is None:
+        return None
+    rows = [(b, g, r) for b, g in enumerate(batch) for r in range(len(groups[g]))]
+    cache.batch_select_indices(torch.tensor([b for b, _, _ in rows], device=device))
+    own = [groups[g][r][prefixes[g]:] for _, g, r in rows]
+    longest = max(len(s) for s in own)
+    suffix = torch.tensor([[pad] * (longest - len(s)) + s for s in own], device=device)
+    suffix_mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in own], device=device)
+    start = torch.tensor([prefixes[g] for _, g, _ in rows], device=device)[:, None]
+    with torch.no_grad():
+        logits = model(input_ids=suffix, attention_mask=torch.cat([mask[[b for b, _, _ in rows]], suffix_mask], 1),
+                       position_ids=start + (suffix_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits
+    return rows, logits
+
+
 def option_logprobs(model, tokenizer, option_ids, groups: list[list[list[int]]], *, share_prefix: bool = True,
                     token_budget: int = 16384, max_batch_size: int = 64) -> list[list[tuple[float, float]]]:
     """(log P(A), log P(B)) at the last position of every token sequence of `groups`, each group's shared prefix
@@ -142,7 +170,7 @@ def option_logprobs(model, tokenizer, option_ids, groups: list[list[list[int]]],
     import torch
 
     from lora_cai.engine.forward import forward_batches
-    from lora_cai.engine.generation import model_device, plan_batches
+    from lora_cai.engine.generation import is_oom, model_device, plan_batches
 
     ids_a, ids_b = option_ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -158,29 +186,17 @@ def option_logprobs(model, tokenizer, option_ids, groups: list[list[list[int]]],
     if share_prefix:
         todo = []
         for batch in _plan(groups, prefixes, token_budget=token_budget, max_batch_size=max_batch_size):
-            width = max(prefixes[g] for g in batch)
-            ids = torch.tensor([[pad] * (width - prefixes[g]) + groups[g][0][:prefixes[g]] for g in batch],
-                               device=device)
-            mask = torch.tensor([[0] * (width - prefixes[g]) + [1] * prefixes[g] for g in batch], device=device)
-            with torch.no_grad():
-                cache = _prefix_cache(model, ids, mask)
-            if cache is None:  # this model cannot share a cache: every sequence whole, from here on
-                todo = [g for b in _plan(groups, prefixes, token_budget=token_budget, max_batch_size=max_batch_size)
-                        for g in b if out[g][0] is None]
+            try:
+                scored = _shared_batch(model, groups, prefixes, batch, pad, device)
+            except Exception as e:  # out of memory: what is left goes whole, in batches halved on OOM
+                if not is_oom(e):
+                    raise
+                scored = None
+            if scored is None:  # this model cannot share a cache, or the batch did not fit: the rest whole
+                todo = [g for g in range(len(groups)) if out[g][0] is None]
                 break
-            rows = [(b, g, r) for b, g in enumerate(batch) for r in range(len(groups[g]))]
-            cache.batch_select_indices(torch.tensor([b for b, _, _ in rows], device=device))
-            own = [groups[g][r][prefixes[g]:] for _, g, r in rows]
-            longest = max(len(s) for s in own)
-            suffix = torch.tensor([[pad] * (longest - len(s)) + s for s in own], device=device)
-            suffix_mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in own], device=device)
-            start = torch.tensor([prefixes[g] for _, g, _ in rows], device=device)[:, None]
-            with torch.no_grad():
-                logits = model(input_ids=suffix, attention_mask=torch.cat([mask[[b for b, _, _ in rows]], suffix_mask], 1),
-                               position_ids=start + (suffix_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,
-                               use_cache=True, logits_to_keep=1).logits
-            la, lb = read(logits)
-            for row, (_, g, r) in enumerate(rows):
+            la, lb = read(scored[1])
+            for row, (_, g, r) in enumerate(scored[0]):
                 out[g][r] = (la[row], lb[row])
     if todo:
         flat = [(g, r) for g in todo for r in range(len(groups[g]))]
