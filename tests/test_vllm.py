@@ -159,17 +159,20 @@ def _server_processes(marker: str) -> list[str]:
 
 
 def test_runtime_loading_into_a_users_server(wide, tmp_path):
-    """A vLLM server started the way a user starts theirs (--enable-lora --max-lora-rank 16, runtime updating on):
-    each round's stack is written into generation.adapter_dir, loaded under a name carrying its identity, used, and
-    the previous round's adapter unloaded; what it answers is the local engine's policy."""
+    """A vLLM server started the way a user starts theirs (--enable-lora --max-lora-rank 16, runtime updating on,
+    vLLM's default raw log-probs): each round's stack is written into generation.adapter_dir, loaded under a name
+    carrying its identity, used, and the previous round's adapter unloaded; what it answers is the local engine's
+    policy, and the judge's labels through it are the local judge's (an option outside the raw top-k asked for
+    alone)."""
     from lora_cai.engine import vllm_weights as W
-    from lora_cai.engine.vllm import ManagedServer, VLLMEngine, VLLMGenerator, served_models
+    from lora_cai.engine.vllm import ManagedServer, VLLMEngine, VLLMGenerator, VLLMJudge, served_models
 
     model, stack = wide
     cfg0 = recipe(model, tmp_path / "run")
     base = W.served_base(cfg0.model, dtype="float32", backend="transformers", cache_dir=tmp_path / "cache")
     server = ManagedServer(base, served_name="tiny", max_model_len=1024, max_lora_rank=16,
-                           kv_cache_bytes=64 << 20, log_path=tmp_path / "users-server.log")
+                           kv_cache_bytes=64 << 20, log_path=tmp_path / "users-server.log",
+                           extra_args=["--logprobs-mode", "raw_logprobs"])  # the default of `vllm serve`
     server.start()
     engine = VLLMEngine(tmp_path / "run")
     try:
@@ -186,6 +189,12 @@ def test_runtime_loading_into_a_users_server(wide, tmp_path):
         local, _ = local_answers_and_labels(model, stack, convs, [])
         got = VLLMGenerator(second).generate(convs, max_new_tokens=NEW_TOKENS, temperature=0.0)
         assert agreement(local, got) >= 0.95
+        jconvs = judge_conversations(prompts, local)
+        _, local_labels = local_answers_and_labels(model, stack, [], jconvs)
+        judge = VLLMJudge(second)
+        labels = judge.score(jconvs)
+        assert max(abs(a - b) for a, b in zip(local_labels, labels)) <= 1e-3
+        assert judge.alone > 0  # raw log-probs left options out of the top k: those were asked for alone
         engine.close()
         assert set(served_models(server.base_url)) == {"tiny"}  # the run's last adapter too, once it is done
     finally:

