@@ -1,7 +1,9 @@
 """Where generation runs: the local batched engine or an OpenAI-compatible server, behind one iterator.
 
 Both yield `(batch_index, [(conversation_index, text or None), ...])` over a deterministic batch plan and
-skip the batches a resumed stage already committed, so the stages do not care which one they drive.
+skip the batches a resumed stage already committed, so the stages do not care which one they drive. vLLM as the
+engine (`generation.engine: vllm`) is a third, `engine.vllm.VLLMGenerator`: an `APIGenerator` (batches, seeds,
+counted failures) that sends lora_cai's own prompt tokens and decodes the answers as the local engine does.
 """
 
 from __future__ import annotations
