@@ -31,3 +31,20 @@ def test_an_import_from_core_into_the_loop_breaks_both_contracts(tmp_path):
     assert proc.returncode != 0
     assert "lora_cai.core is not allowed to import lora_cai.loop" in proc.stdout
     assert "No cycles are allowed in lora_cai." in proc.stdout and "Contracts: 0 kept, 2 broken." in proc.stdout
+
+
+def _modules():
+    return sorted(p for p in (ROOT / "lora_cai").rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(ROOT)): n for p in _modules() if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long
+
+
+def test_every_module_states_its_responsibility_in_its_first_docstring_line():
+    import ast
+
+    missing = [str(p.relative_to(ROOT)) for p in _modules()
+               if not (ast.get_docstring(ast.parse(p.read_text())) or "").strip().splitlines()[:1]]
+    assert not missing, missing
