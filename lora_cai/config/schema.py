@@ -92,7 +92,10 @@ class DataConfig(Section):
 class GenerationConfig(Section):
     max_new_tokens: int = Field(192, gt=0, description="Tokens per initial response and per revision.")
     critique_max_new_tokens: int = Field(96, gt=0, description="Tokens per critique.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature for responses (0 = greedy).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature for responses (0 = greedy). Two readers "
+                               "raise it, since they need different samples: best-of-N's extra samples use at least "
+                               "0.7 (max(temperature, 0.7)), and a rule judge's held-out violation samples use 0.7 "
+                               "when it is 0 (temperature or 0.7).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
     token_budget: int = Field(16384, gt=0, description="Tokens (prompt + new) per generation batch; batches are "
                                                        "sized from it and halved on out-of-memory.")

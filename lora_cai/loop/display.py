@@ -22,7 +22,7 @@ def seconds(x: float) -> str:
     return f"{x:.1f} s" if x < 10 else f"{x:.0f} s"
 
 
-def stage_times(timing: dict) -> list[tuple[str, str]]:
+def round_time_rows(timing: dict) -> list[tuple[str, str]]:
     """[(stage, '17 s, 52 tok/s')] from a round's per-stage timing, for the stages whose time is known."""
     rows = []
     for stage in ROUND_STAGE_NAMES:
@@ -83,7 +83,7 @@ def print_round(console, k: int, s: dict, judge_kind: str) -> None:
     if s.get("quality") is not None:
         t.add_row("quality score", f"{s['quality']:.3f}")
     t.add_row("time", f"{s['seconds']} s")
-    for stage, took in stage_times(s.get("timing") or {}):
+    for stage, took in round_time_rows(s.get("timing") or {}):
         t.add_row(f"  {stage}", took)
     console.print(t)
 

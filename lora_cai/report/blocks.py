@@ -30,7 +30,7 @@ from lora_cai.report.tables import (
     principle_stats,
     round_status,
     stacked_rounds,
-    stage_times,
+    ledger_time_rows,
     status_counts,
     summary_row,
 )
@@ -371,7 +371,7 @@ def _blocks(run: dict) -> list[tuple]:
     b.append(("note", "Seconds per stage (and generated tokens or optimizer steps per second), from the manifest's "
                    "ledger of stages (`stages`: the run that did the work; a rerun that skipped a stage keeps its "
                    "figures). The critic check and the baseline evaluation run once, before round 1."))
-    rows = stage_times(run)
+    rows = ledger_time_rows(run)
     b.append(("table", ["stage", "seconds", "rate"], rows) if rows else ("p", "n/a: no stage timing recorded."))
 
     b.append(("h2", "Example trajectories"))

@@ -245,7 +245,7 @@ def memory_rows(run: dict) -> tuple[list[str], list[tuple[int, str | None, dict]
     return sorted(stages, key=order), rows
 
 
-def stage_times(run: dict) -> list[list[str]]:
+def ledger_time_rows(run: dict) -> list[list[str]]:
     """[[stage, seconds, rate]] for every stage in the manifest's ledger, in run order, with a total."""
     ledger = _dict(run["manifest"].get("stages"))
 
