@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from lora_cai.engine import served
+from lora_cai.engine import served as served_names
 from lora_cai.serve import models as serve_models
 from lora_cai.serve.server import start_server
 
@@ -90,11 +90,11 @@ def tokens_and_logprobs(answer) -> list[tuple[str, float, list[tuple[str, float]
 # ------------------------------------------------------------------------------------------ names and switching
 
 def test_names_are_defined_once_and_the_template_follows_them():
-    assert [served.policy_name(k) for k in range(3)] == ["base", "round-1", "round-2"]
+    assert [served_names.policy_name(k) for k in range(3)] == ["base", "round-1", "round-2"]
     # round k starts from the policy after round k-1: {policy} names it, {round} stays the round's number
-    assert served.expand_model_template("{policy}", 1) == "base"
-    assert served.expand_model_template("{policy}", 3) == "round-2"
-    assert served.expand_model_template("my-policy-round-{round}", 3) == "my-policy-round-3"
+    assert served_names.expand_model_template("{policy}", 1) == "base"
+    assert served_names.expand_model_template("{policy}", 3) == "round-2"
+    assert served_names.expand_model_template("my-policy-round-{round}", 3) == "my-policy-round-3"
 
 
 def test_models_lists_base_and_every_round(run_server):
@@ -117,7 +117,7 @@ def test_each_name_answers_as_load_policy_upto_that_round(run_dir, run_server):
         model, tok = load_policy(run_dir, upto=k, backend="transformers")
         server, one_url = start_server(model, tok, model_name="alone")
         try:
-            alone[served.policy_name(k)] = tokens_and_logprobs(
+            alone[served_names.policy_name(k)] = tokens_and_logprobs(
                 ask(openai_client(one_url), "alone", logprobs=True, top_logprobs=5))
         finally:
             server.shutdown()

@@ -219,7 +219,7 @@ def test_eval_stage_rates_and_win_rate(tmp_path):
                    or "steal" in conv[-1]["content"].lower() else "Sure, a safe answer.")
     c = ctx(tmp_path, Models(gen, judge=ScriptedJudge()), "eval")
     harmful, benign = c.data.eval_sets["harmful"], c.data.eval_sets["benign"]
-    previous = {"samples": [{"set": s, "id": r["id"], "prompt": r["prompt"], "answer": "Whatever."}
+    previous = {"samples": [{"set": s, "id": r["id"], "prompt": r["prompt"], "answer": "Whatever.", "refusal": False}
                             for s, rs in (("harmful", harmful), ("benign", benign)) for r in rs]}
     (c.run_dir / "baseline-eval.json").write_text(json.dumps(previous))  # round 1 is compared with the baseline
     done = eval_stage(c, inp("eval"), tmp_path / "round-1" / "adapter")
