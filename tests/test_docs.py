@@ -117,3 +117,8 @@ def test_constitution_guide_example_validates(tmp_path):
         assert "over_refusal" in names  # the guide's advice, followed by its own example
         assert any(constitution.is_no_change(d.critique) for d in constitution.demonstrations)
         assert any(not constitution.is_no_change(d.critique) for d in constitution.demonstrations)
+
+
+def test_readme_is_read_in_five_minutes():
+    """README is for users (#31): at most 250 lines; the details live in docs/."""
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 250
