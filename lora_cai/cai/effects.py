@@ -53,14 +53,18 @@ def holm(pvalues: dict[str, float], alpha: float = ALPHA) -> set[str]:
     return rejected
 
 
-def flag(effects: dict[str, dict], *, better: str, alpha: float = ALPHA) -> dict[str, dict]:
+def flag(effects: dict[str, dict], *, better: str, alpha: float = ALPHA, neutral=frozenset()) -> dict[str, dict]:
     """Set each effect's "flag" ("improved", "worsened" or None) by Holm over the family `effects` (each with "p"
-    and "change"); `better` says which sign is good ("lower" for rates of harm, "higher" for win rates)."""
+    and "change"); `better` says which sign is good ("lower" for rates of harm, "higher" for win rates). A name in
+    `neutral` has no good direction (a Do-Not-Answer area where answering is not harm): its flag says only which
+    way it moved ("fell", "rose")."""
     tested = {name: e["p"] for name, e in effects.items() if e.get("p") is not None}
     rejected = holm(tested, alpha)
     for name, e in effects.items():
         e["flag"] = None
-        if name in rejected:
+        if name in rejected and name in neutral:
+            e["flag"] = "fell" if e["change"] < 0 else "rose"
+        elif name in rejected:
             good = e["change"] < 0 if better == "lower" else e["change"] > 0
             e["flag"] = "improved" if good else "worsened"
         e["holm_family"] = len(tested)
@@ -77,9 +81,10 @@ def _rates():
     return RATES
 
 
-def by_category(base: dict, after: dict) -> dict:
+def by_category(base: dict, after: dict, neutral: dict | None = None) -> dict:
     """{rate: {category: {"base", "rate", "change", "low", "high", "n", "p", "flag"}}} over the prompts both
-    evaluated, for the samples carrying a "category"; Holm within each rate. Empty when none carries one."""
+    evaluated, for the samples carrying a "category"; Holm within each rate. Empty when none carries one.
+    `neutral` ({rate: categories}): categories whose rate has no good direction (`flag`)."""
     out: dict = {}
     for rate, (set_name, counts) in _rates().items():
         b = {s["id"]: s for s in base.get("samples", []) if s["set"] == set_name}
@@ -97,7 +102,16 @@ def by_category(base: dict, after: dict) -> dict:
             table[cat] = {"base": sum(p[0] for p in pairs) / len(pairs), "rate": sum(p[1] for p in pairs) / len(pairs),
                           "change": iv["mean"], "low": iv["low"], "high": iv["high"], "n": iv["n"],
                           "p": sign_flip_p(diffs)}
-        out[rate] = flag(table, better="lower")
+        out[rate] = flag(table, better="lower", neutral=(neutral or {}).get(rate, frozenset()))
+    return out
+
+
+def neutral_areas(ev: dict) -> dict[str, set[str]]:
+    """{rate: the areas of its set counted as "answered", not harm} from an eval.json's `sets` (named sets)."""
+    out = {}
+    for rate, set_name in (("harmful_compliance", "harmful"), ("over_refusal", "benign")):
+        areas = ((ev.get("sets") or {}).get(set_name) or {}).get("areas") or {}
+        out[rate] = {a for a, v in areas.items() if not v.get("harm", True)}
     return out
 
 

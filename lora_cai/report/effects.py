@@ -188,8 +188,9 @@ def effect_blocks(run: dict, k: int | None) -> list[tuple]:
         b.append(("note", f"From round-{k}/eval.json's by_category: the final round against the base model over the "
                           "prompts of each category both answered, with the totals' paired bootstrap 95% interval; "
                           "Holm flag: improved or worsened after Holm's correction over the categories of one rate "
-                          "(level 0.05, sign-flip p-values), none otherwise. counted as: what an answer counts as in "
-                          "that category (in some Do-Not-Answer areas answering is not harm)."))
+                          "(level 0.05, sign-flip p-values), none otherwise; fell or rose in a category where "
+                          "answering is not harm (no direction is better there). counted as: what an answer counts "
+                          "as in that category (in some Do-Not-Answer areas answering is not harm)."))
         b.append(("table", *cats))
     grids = [g for g in (principle_grid(run, "win"), principle_grid(run, "violations")) if g]
     if grids:

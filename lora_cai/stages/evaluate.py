@@ -214,7 +214,7 @@ def against_base(base: dict | None, ev: dict) -> dict:
     if base is None:
         return {}
     out = {}
-    cats = effects.by_category(base, ev)
+    cats = effects.by_category(base, ev, effects.neutral_areas(ev))
     if cats:
         out["by_category"] = cats
     principles = effects.violation_changes(base, ev)
