@@ -409,3 +409,42 @@ def test_a_critic_server_that_fails_the_critic_check_stops_it_before_any_verdict
     check = json.loads((tmp_path / "run" / "critic-check.json").read_text())
     assert check["critic_calls"]["requests"] == n and check["critic_calls"]["failures"] == 0
     assert check["failed"] == 0 and not any(s["verdict"] == "failed" for s in check["samples"])
+
+
+def test_a_judge_that_fails_the_per_principle_stage_stops_it_and_a_rerun_resumes(tiny_model, judges, tmp_path):
+    """eval.per_principle with a server judge that answers everything but the per-principle comparisons (the
+    principle's question after the two answers): the round's evaluation is committed, the per-principle stage
+    stops in one line naming the failed share, exit 2, and writes nothing. Against a healthy server on the same
+    address the rerun redoes only that stage: the stored answers are judged, the evaluation is not redone."""
+    from lora_cai.cai.constitution import load_constitution
+    from lora_cai.engine.judges import ANSWER_INSTRUCTION
+
+    questions = tuple(f"{p.judge}\n\n{ANSWER_INSTRUCTION}" for p in load_constitution("default").principles)
+    first = judges(fail_when=questions)
+    port = first.server_address[1]
+    eval_ = "{early_stop_drop: null, capability_limit: 0, critic_check: false, per_principle: true}"
+    recipe = _recipe(tmp_path, tiny_model, first.url, eval=eval_,
+                     sft="{batch_size: 4, learning_rate: 0.002}", dpo="{batch_size: 4, learning_rate: 0.01, epochs: 3}")
+    proc = run_cli(str(recipe), *SETS)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    run = tmp_path / "run"
+    ev = run / "round-1" / "eval.json"
+    assert ev.is_file() and not (run / "round-1" / "principles.json").exists()
+    failed = [b for b in first.requests if any(json.dumps(q)[1:-1] in json.dumps(b["messages"]) for q in questions)]
+    assert failed  # the round changed some answers, so there was something to judge
+    assert line.startswith("error: round 1 per-principle effects: ") and "requests to the judge's server at " \
+        f"{first.url} failed (more than judge.max_failures = 10% of the stage's " in line, line
+    assert "HTTP 500" in line and "rerun the same command" in line
+    evaluated = ev.stat()
+
+    first.stop()
+    healthy = judges(port=port)
+    proc = run_cli(str(recipe), *SETS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (ev.stat().st_ino, ev.stat().st_mtime_ns) == (evaluated.st_ino, evaluated.st_mtime_ns)
+    p = json.loads((run / "round-1" / "principles.json").read_text())
+    assert p["judge"] == "api" and len(p["win_rates"]) == len(questions)
+    assert p["judge_calls"]["failures"] == 0 and p["judge_calls"]["requests"] == 2 * len(questions) * p["answers"]
+    assert all(r["p"] is not None for r in p["records"])
+    assert len(healthy.requests) == p["judge_calls"]["requests"]  # nothing else was asked again
