@@ -79,12 +79,7 @@ class APIGenerator(_Generator):
         task = None
         if progress is not None:
             task = progress.add_task(description, total=len(conversations), tokens_per_s=0.0)
-        for b, start in enumerate(range(0, len(conversations), self.batch_size)):
-            idx = list(range(start, min(start + self.batch_size, len(conversations))))
-            if b in skip_batches:
-                if task is not None:
-                    progress.advance(task, len(idx))
-                continue
+        for b, idx in _request_batches(len(conversations), self.batch_size, skip_batches, progress, task):
             t = time.perf_counter()
             answers = self.client.chat_many([
                 {"messages": conversations[i], "max_tokens": max_new_tokens, "temperature": temperature,
@@ -98,6 +93,18 @@ class APIGenerator(_Generator):
             if task is not None:
                 progress.advance(task, len(idx))
             yield b, [(i, a.get("text")) for i, a in zip(idx, answers)]
+
+
+def _request_batches(n: int, batch_size: int, skip_batches, progress, task) -> Iterator[tuple[int, list[int]]]:
+    """(batch number, conversation indices) of the batches of `n` conversations a server generator sends: those in
+    `skip_batches` (committed by an earlier run) only advance the progress bar's `task`."""
+    for b, start in enumerate(range(0, n, batch_size)):
+        idx = list(range(start, min(start + batch_size, n)))
+        if b in skip_batches:
+            if task is not None:
+                progress.advance(task, len(idx))
+            continue
+        yield b, idx
 
 
 def _request_seed(seed: int, index: int) -> int:

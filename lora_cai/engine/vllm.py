@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from lora_cai.engine.generators import APIGenerator, _request_seed
+from lora_cai.engine.generators import APIGenerator, _request_batches, _request_seed
 from lora_cai.engine.vllm_server import (ManagedServer, error_message, http_request, load_adapter, max_lora_rank,
                                          served_models, unload_adapter)
 from lora_cai.errors import UserError
@@ -128,12 +128,7 @@ class VLLMGenerator(APIGenerator):
             else None
         limit = self.served.max_model_len - max_new_tokens  # the local engine skips prompts over its context too
         tokens_done, seconds = 0, 0.0
-        for b, start in enumerate(range(0, len(conversations), self.batch_size)):
-            idx = list(range(start, min(start + self.batch_size, len(conversations))))
-            if b in skip_batches:
-                if task is not None:
-                    progress.advance(task, len(idx))
-                continue
+        for b, idx in _request_batches(len(conversations), self.batch_size, skip_batches, progress, task):
             t = time.perf_counter()
             prompts = {i: self.served.encode(conversations[i]) for i in idx}
             asked = [i for i in idx if len(prompts[i]) <= limit]
